@@ -1,0 +1,1 @@
+"""Testing helpers: the local Stripe emulator and pytest fixtures."""

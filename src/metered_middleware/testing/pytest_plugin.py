@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures for the local Stripe emulator (registered through the pytest11 entry point)."""

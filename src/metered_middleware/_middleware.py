@@ -1,0 +1,248 @@
+"""The pure ASGI middleware: find the key, resolve it, admit or reject, count when the status is known."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from metered_middleware._config import Settings
+from metered_middleware._counter import Counter
+from metered_middleware._errors import StorageError
+from metered_middleware._keys import KeyError_, extract_key
+from metered_middleware._layout import Layout
+from metered_middleware._redis import connect
+from metered_middleware._registry import KeyRegistry
+from metered_middleware._resolver import CachingResolver, Resolver, StaticResolver
+from metered_middleware._responses import Rejections
+from metered_middleware._store import CountStore
+from metered_middleware._target import BillingTarget
+
+__all__ = ["MeteringMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("metered_middleware")
+
+# Close code for a refused websocket handshake: 1008 is "policy violation"; the reason carries our code.
+_WS_POLICY = 1008
+
+
+def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class MeteringMiddleware:
+    """Meter every API request of an ASGI app.
+
+    ``app.add_middleware(MeteringMiddleware)`` configures itself from ``METERED_*`` variables; keyword
+    arguments (any ``Settings`` field) override them. ``resolver`` replaces the Redis key registry and
+    ``redis`` supplies a client to share. The resolved ``BillingTarget`` is put in ``scope["state"]`` as
+    ``billing_target`` (``request.state.billing_target`` in Starlette), so handlers know who is calling.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings | None = None,
+        resolver: Resolver | None = None,
+        redis: aioredis.Redis | None = None,
+        environ: MutableMapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.app = app
+        if settings is None:
+            settings = Settings.from_env(environ, **overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        self.redis = redis if redis is not None else connect(settings.redis_url)
+        self.layout = Layout(settings.namespace, settings.shards)
+        self.store = CountStore(self.redis, self.layout)
+        self.counter = Counter(
+            self.store,
+            self.layout,
+            window=settings.coalesce_window,
+            max_targets=settings.buffer_max_targets,
+        )
+        if resolver is None:
+            if settings.resolver == "static":
+                assert settings.static_keys is not None  # guaranteed by Settings validation
+                resolver = StaticResolver.from_setting(settings.static_keys, pepper=settings.key_pepper)
+            else:
+                resolver = KeyRegistry(
+                    self.redis,
+                    namespace=settings.namespace,
+                    pepper=settings.key_pepper,
+                    key_prefix=settings.key_prefix,
+                )
+        self.resolver = CachingResolver(
+            resolver, ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl
+        )
+        self.rejections = Rejections(settings.retry_after)
+        # Everything the request path consults is derived here, once.
+        self._header_names = frozenset(h.encode("latin-1") for h in settings.key_headers)
+        self._excluded = _glob_regex(settings.exclude_paths)
+        self._weights = [
+            (w.method, re.compile(fnmatch.translate(w.pattern)), w.weight) for w in settings.route_weights
+        ]
+        self._weight_cache: dict[tuple[str, str], int] = {}
+        self._statuses = settings.count_statuses
+        self._closed_mode = settings.fail_mode == "closed"
+        self._immediate = settings.coalesce_window == 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self.app(scope, self._watch_lifespan(receive), send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- admission -----------------------------------------------------------------------------------------
+    async def _admit(self, scope: Scope) -> BillingTarget | str | None:
+        """The caller's target, an error code to refuse with, or None when the path is not metered."""
+        if self._excluded is not None and self._excluded.match(scope["path"]):
+            return None
+        settings = self.settings
+        try:
+            key = extract_key(
+                scope["headers"],
+                scope.get("query_string", b"") if settings.key_query_param else b"",
+                header_names=self._header_names,
+                bearer=settings.key_bearer,
+                query_param=settings.key_query_param,
+                max_length=settings.max_key_length,
+            )
+        except KeyError_ as exc:
+            return exc.code
+        digest, target, fresh = self.resolver.cached(key)
+        if not fresh:
+            try:
+                target = await self.resolver.resolve_miss(key, digest)
+            except StorageError:
+                log.warning("key resolution unavailable: Redis is not answering")
+                return "metering_unavailable"
+        if target is None:
+            return "api_key_invalid"
+        if target.revoked:
+            return "api_key_revoked"
+        if not target.active:
+            return "subscription_inactive"
+        if self._closed_mode and not self.counter.healthy:
+            return "metering_unavailable"
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["billing_target"] = target
+        return target
+
+    def _weight(self, method: str, path: str) -> int:
+        if not self._weights:
+            return 1
+        cache_key = (method, path)
+        weight = self._weight_cache.get(cache_key)
+        if weight is None:
+            weight = 1
+            for rule_method, pattern, rule_weight in self._weights:
+                if (rule_method in ("*", method)) and pattern.match(path):
+                    weight = rule_weight
+                    break
+            if len(self._weight_cache) > 10_000:
+                self._weight_cache.clear()  # paths with ids in them: keep the cache bounded
+            self._weight_cache[cache_key] = weight
+        return weight
+
+    # -- HTTP ----------------------------------------------------------------------------------------------
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admitted = await self._admit(scope)
+        if admitted is None:
+            await self.app(scope, receive, send)
+            return
+        if isinstance(admitted, str):
+            await self.rejections.http(send, admitted)
+            return
+        target = admitted
+        weight = self._weight(scope["method"], scope["path"])
+        if weight == 0:
+            await self.app(scope, receive, send)
+            return
+        counter = self.counter
+        statuses = self._statuses
+
+        async def metered_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in statuses:
+                generation = counter.add(target, weight)
+                if self._immediate:
+                    try:
+                        await counter.commit(generation)
+                    except StorageError:
+                        if self._closed_mode:
+                            # Not recorded, so not served: the caller retries, nobody is billed.
+                            await self.rejections.http(send, "metering_unavailable")
+                            raise _Refused from None
+                        # open mode: the count stays buffered and is written when Redis returns
+            await send(message)
+
+        try:
+            await self.app(scope, receive, metered_send)
+        except _Refused:
+            return
+
+    # -- websockets: one count per accepted connection -----------------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admitted = await self._admit(scope)
+        if admitted is None:
+            await self.app(scope, receive, send)
+            return
+        if isinstance(admitted, str):
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": _WS_POLICY, "reason": admitted})
+            return
+        target = admitted
+        weight = self._weight("GET", scope["path"])
+        counter = self.counter
+
+        async def metered_send(message: Message) -> None:
+            if message["type"] == "websocket.accept" and weight:
+                counter.add(target, weight)
+            await send(message)
+
+        await self.app(scope, receive, metered_send)
+
+    # -- lifespan: passed through untouched; on shutdown, buffered counts are written first --------------
+    def _watch_lifespan(self, receive: Receive) -> Receive:
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return watched
+
+    async def flush(self) -> None:
+        """Write every buffered count to Redis now (raises ``StorageError`` if Redis refuses)."""
+        await self.counter.flush()
+
+    async def aclose(self) -> None:
+        """Write buffered counts and stop the background writer. Safe to call more than once."""
+        await self.counter.aclose()
+
+
+class _Refused(Exception):
+    """Raised through the app when a response was replaced by a refusal; never escapes the middleware."""

@@ -1,0 +1,129 @@
+"""The counting side of the Redis store: one atomic, idempotent script per coalesced write."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from metered_middleware._errors import StorageError
+from metered_middleware._layout import Layout
+from metered_middleware._scripts import script_source
+from metered_middleware._target import BillingTarget
+
+__all__ = ["CountStore", "CountWrite", "target_metadata"]
+
+# Usage per period is kept this long after the period ends, for the usage view and reconciliation.
+DEFAULT_USAGE_RETENTION = 40 * 24 * 3600
+
+
+def target_metadata(target: BillingTarget) -> str:
+    """What a flusher needs to know about a target beyond its id, as stored beside the pending counts."""
+    return json.dumps(
+        {
+            "subscription": target.subscription,
+            "period_start": target.period_start,
+            "period_end": target.period_end,
+            "test_clock": target.test_clock,
+        },
+        separators=(",", ":"),
+    )
+
+
+@dataclass(slots=True)
+class CountWrite:
+    """One shard's share of a coalesced flush: applied at most once thanks to (writer, seq)."""
+
+    shard: int
+    writer: str
+    seq: int
+    lines: list[tuple[BillingTarget, int]]
+
+    @property
+    def units(self) -> int:
+        """Units this write carries."""
+        return sum(units for _, units in self.lines)
+
+
+class CountStore:
+    """Adds counted units to a shard's pending counts and to each target's usage for its current period."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        layout: Layout,
+        *,
+        usage_retention: int = DEFAULT_USAGE_RETENTION,
+    ) -> None:
+        self.redis = redis
+        self.layout = layout
+        self.usage_retention = usage_retention
+        self._count = redis.register_script(script_source("count"))
+
+    def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
+        layout = self.layout
+        shard = write.shard
+        keys: list[str] = [layout.pending(shard), layout.targets(shard), layout.writers(shard)]
+        usage_index: dict[int, int] = {}
+        args: list[Any] = [write.writer, write.seq, self.usage_retention]
+        for target, units in write.lines:
+            index = 0
+            if target.period_start is not None and target.period_end is not None:
+                index = usage_index.get(target.period_start, 0)
+                if not index:
+                    keys.append(layout.usage(shard, target.period_start))
+                    index = usage_index[target.period_start] = len(keys)
+            args += [
+                target.target_id,
+                units,
+                index,
+                target.period_end or 0,
+                target_metadata(target),
+            ]
+        return keys, args
+
+    async def apply(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
+        """Send the writes in one pipeline; each result is True (applied now or before) or the error it met.
+
+        A connection error fails them all; the caller keeps them and retries with the same (writer, seq).
+        """
+        if not writes:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    keys, args = self._keys_and_args(write)
+                    await self._count(keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"count write failed: {exc}") from exc
+        return [r if isinstance(r, BaseException) else True for r in results]
+
+    async def pending(self, shard: int | None = None) -> dict[str, int]:
+        """Units counted and not yet claimed, per target id (all shards when ``shard`` is None)."""
+        shards: Iterable[int] = range(self.layout.shards) if shard is None else (shard,)
+        total: dict[str, int] = {}
+        try:
+            for s in shards:
+                raw = await self.redis.hgetall(self.layout.pending(s))
+                for field, value in raw.items():
+                    key = field.decode() if isinstance(field, bytes) else field
+                    total[key] = total.get(key, 0) + int(value)
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"reading pending counts failed: {exc}") from exc
+        return total
+
+    async def period_usage(self, target: BillingTarget) -> int:
+        """Units counted for the target in its current period (0 when it has no period)."""
+        if target.period_start is None:
+            return 0
+        shard = self.layout.shard_of(target.target_id)
+        try:
+            value = await self.redis.hget(self.layout.usage(shard, target.period_start), target.target_id)
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"reading usage failed: {exc}") from exc
+        return int(value or 0)

@@ -1,0 +1,29 @@
+-- Apply one coalesced count write for a shard, exactly once per (writer, seq).
+-- KEYS[1] pending hash, KEYS[2] targets hash, KEYS[3] writers hash, KEYS[4..] per-period usage hashes
+-- ARGV[1] writer id, ARGV[2] seq (a retried write repeats it), ARGV[3] usage retention after period end (s),
+-- then five values a line: target id, units, usage key index (0: no period), period end, target metadata JSON.
+-- Returns 1 when applied, 0 when this (writer, seq) had been applied already.
+local last = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+local seq = tonumber(ARGV[2])
+if last and seq <= last then
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], seq)
+local retention = tonumber(ARGV[3])
+local i = 4
+while i + 4 <= #ARGV do
+  local target = ARGV[i]
+  local units = tonumber(ARGV[i + 1])
+  local usage_index = tonumber(ARGV[i + 2])
+  redis.call('HINCRBY', KEYS[1], target, units)
+  if usage_index > 0 then
+    local usage_key = KEYS[usage_index]
+    redis.call('HINCRBY', usage_key, target, units)
+    redis.call('EXPIREAT', usage_key, tonumber(ARGV[i + 3]) + retention)
+  end
+  if ARGV[i + 4] ~= '' then
+    redis.call('HSET', KEYS[2], target, ARGV[i + 4])
+  end
+  i = i + 5
+end
+return 1

@@ -1,7 +1,44 @@
-"""Meter every API request in Redis and bill it through Stripe, exactly once."""
+"""Meter every API request in Redis and bill it through Stripe, exactly once.
+
+The public surface is what ``__all__`` lists; modules starting with ``_`` are private.
+"""
 
 from importlib.metadata import version as _version
 
+from metered_middleware._config import RouteWeight, Settings
+from metered_middleware._counter import Counter, CounterStats
+from metered_middleware._errors import ConfigurationError, MeteringError, StorageError
+from metered_middleware._keys import generate_key, hash_key
+from metered_middleware._middleware import MeteringMiddleware
+from metered_middleware._redis import connect
+from metered_middleware._registry import IssuedKey, KeyRecord, KeyRegistry
+from metered_middleware._resolver import CachingResolver, CallableResolver, Resolver, StaticResolver
+from metered_middleware._store import CountStore
+from metered_middleware._target import INACTIVE_STATUSES, BillingTarget
+
 __version__ = _version("metered-middleware")
 
-__all__ = ["__version__"]
+__all__ = [
+    "INACTIVE_STATUSES",
+    "BillingTarget",
+    "CachingResolver",
+    "CallableResolver",
+    "ConfigurationError",
+    "CountStore",
+    "Counter",
+    "CounterStats",
+    "IssuedKey",
+    "KeyRecord",
+    "KeyRegistry",
+    "MeteringError",
+    "MeteringMiddleware",
+    "Resolver",
+    "RouteWeight",
+    "Settings",
+    "StaticResolver",
+    "StorageError",
+    "__version__",
+    "connect",
+    "generate_key",
+    "hash_key",
+]

@@ -1,0 +1,20 @@
+-- Take dead-lettered lines out, atomically: re-drive them (their units go back to pending, to be claimed into a
+-- new batch with a new key) or discard them (an operator's explicit decision).
+-- KEYS[1] dead, KEYS[2] pending, KEYS[3] targets; ARGV[1] 'retry' or 'discard', then entry ids.
+-- Returns the entries taken (their JSON), so the caller can log exactly what it moved.
+local out = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw then
+    if ARGV[1] == 'retry' then
+      local entry = cjson.decode(raw)
+      redis.call('HINCRBY', KEYS[2], entry.target, entry.units)
+      if entry.meta ~= '' then
+        redis.call('HSETNX', KEYS[3], entry.target, entry.meta)
+      end
+    end
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    out[#out + 1] = raw
+  end
+end
+return out

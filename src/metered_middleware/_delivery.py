@@ -176,8 +176,8 @@ class DeliveryStore:
 
     async def batch_seqs(self, shard: int) -> list[int]:
         """Numbers of the batches still holding lines, oldest claim first."""
-        raw: list[bytes] = await self._call("batches", self.redis.zrange(self.layout.batches(shard), 0, -1))
-        return [int(v) for v in raw]
+        raw = await self._call("batches", self.redis.zrange(self.layout.batches(shard), 0, -1))
+        return [int(v) for v in raw if isinstance(v, bytes | str)]
 
     async def load(self, shard: int, seq: int) -> Batch | None:
         """Read what is left of a batch (None once fully delivered), with Redis's current time."""

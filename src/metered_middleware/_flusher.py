@@ -1,0 +1,420 @@
+"""The delivery loop: claims pending counts and bills each line through a sink, exactly once.
+
+One lease per shard (fenced), leftover batches first and oldest first, bounded concurrency, a
+token-bucket rate limit, one call in flight per customer and meter, jittered backoff, a staleness
+horizon, explicit re-stamps, and a graceful shutdown whose final flush is bounded by a grace period.
+``run()`` never installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+import stripe
+from anyio.abc import TaskStatus
+
+from metered_middleware._delivery import Batch, BatchLine, DeliveryStore, LeaseLostError, Stamp, line_key
+from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._errors import StorageError
+from metered_middleware._layout import Layout
+from metered_middleware._limits import KeyedLocks, TokenBucket, backoff_delay
+from metered_middleware._sinks import Outcome, SendLine, Sink, make_sink, make_stripe_client
+from metered_middleware._target import parse_target_id
+
+__all__ = ["FlushReport", "Flusher"]
+
+logger = logging.getLogger("metered_middleware.flusher")
+
+Checkpoint = Callable[[str], Awaitable[None]]
+# A line whose timestamp Stripe keeps refusing is re-stamped at most this often before it is dead-lettered.
+_MAX_RESTAMPS = 3
+
+
+@dataclass
+class FlushReport:
+    """What one pass did, in lines."""
+
+    delivered: int = 0
+    dead: int = 0
+    restamped: int = 0
+    left: int = 0
+    skipped_shards: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Everything this pass saw was delivered: nothing dead-lettered, left over, or on a skipped shard."""
+        return not (self.dead or self.left or self.skipped_shards)
+
+
+class Flusher:
+    """Delivers what the middleware counted. Use ``async with Flusher(settings) as f`` then ``await f.run()``
+    (loops until ``stop()``) or ``await f.flush_once()`` (one pass).
+
+    ``redis``, ``client`` and ``sink`` may be given (tests, a shared pool); what it creates it closes.
+    ``checkpoint`` is awaited at named points of a line's life (``claimed``, ``before_send``, ``sent``,
+    ``send_failed``, ``acked``) — the crash tests kill the process there.
+    """
+
+    def __init__(
+        self,
+        settings: DeliverySettings,
+        *,
+        redis: aioredis.Redis | None = None,
+        client: stripe.StripeClient | None = None,
+        sink: Sink | None = None,
+        owner: str | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        self.settings = settings
+        self.layout = Layout(settings.namespace, settings.shards)
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._redis = redis
+        self._client = client
+        self._sink = sink
+        self._owned: list[Callable[[], Awaitable[Any]]] = []
+        self._checkpoint = checkpoint
+        rate = settings.effective_rate_limit
+        self._bucket = TokenBucket(rate) if rate else None
+        self._slots = anyio.Semaphore(settings.max_concurrency)
+        self._locks = KeyedLocks()
+        self._tokens: dict[int, str] = {}
+        self._stop = anyio.Event()
+        self._clock_cache: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def __aenter__(self) -> Flusher:
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+            self._owned.append(self._redis.aclose)
+        if self._client is None:
+            self._client, http = make_stripe_client(self.settings)
+            self._owned.append(http.close_async)
+        if self._sink is None:
+            self._sink = make_sink(self.settings, self._client)
+        self.store = DeliveryStore(self._redis, self.layout)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release held leases and close what this flusher opened (idempotent)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            for shard, token in list(self._tokens.items()):
+                try:
+                    await self.store.release_lease(shard, token)
+                except StorageError:
+                    logger.warning("could not release the lease of shard %s; it will expire", shard)
+            self._tokens.clear()
+            while self._owned:
+                await self._owned.pop()()
+
+    @property
+    def sink(self) -> Sink:
+        """The sink lines are sent through."""
+        assert self._sink is not None, "use the flusher inside 'async with'"
+        return self._sink
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish: one final flush bounded by ``shutdown_grace``, then return."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Flush every ``flush_interval`` until ``stop()``, then a final flush bounded by the grace period.
+
+        Batches left unfinished stay in Redis for the next flusher; nothing is lost by stopping.
+        """
+        grace = anyio.CancelScope()
+
+        async def arm_grace() -> None:
+            await self._stop.wait()
+            grace.deadline = anyio.current_time() + self.settings.shutdown_grace
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(arm_grace)
+            task_status.started()
+            with grace:
+                while not self._stop.is_set():
+                    await self._guarded_pass()
+                    with anyio.move_on_after(self.settings.flush_interval):
+                        await self._stop.wait()
+                await self._guarded_pass()
+            tg.cancel_scope.cancel()
+        if grace.cancelled_caught:
+            logger.warning(
+                "shutdown grace period ended; unfinished batches stay in Redis for the next flusher"
+            )
+
+    async def _guarded_pass(self) -> None:
+        report = await self.flush_once(lease_wait=0.0)
+        if report.delivered or report.dead or report.left:
+            logger.info("flush pass: %s", report)
+
+    async def flush_once(self, *, lease_wait: float | None = None) -> FlushReport:
+        """One pass over every shard: leftover batches oldest first, then newly claimed counts.
+
+        ``lease_wait`` is how long to wait for a shard another flusher holds (default: one lease TTL, so a
+        crashed flusher's lease expires first); a shard still held is reported in ``skipped_shards``.
+        """
+        report = FlushReport()
+        self._clock_cache.clear()
+        wait = self.settings.lease_ttl + 1 if lease_wait is None else lease_wait
+        async with anyio.create_task_group() as tg:
+            for shard in range(self.layout.shards):
+                tg.start_soon(self._flush_shard, shard, report, wait)
+        return report
+
+    # -- one shard ---------------------------------------------------------------------------------
+    async def _acquire(self, shard: int, wait: float) -> str | None:
+        ttl_ms = int(self.settings.lease_ttl * 1000)
+        with anyio.move_on_after(wait):
+            while True:
+                token = await self.store.acquire_lease(shard, self.owner, ttl_ms, self._tokens.get(shard))
+                if token:
+                    self._tokens[shard] = token
+                    return token
+                self._tokens.pop(shard, None)
+                if wait <= 0:
+                    break
+                await anyio.sleep(min(0.1, self.settings.lease_ttl / 4))
+        return None
+
+    async def _flush_shard(self, shard: int, report: FlushReport, wait: float) -> None:
+        try:
+            token = await self._acquire(shard, wait)
+            if token is None:
+                report.skipped_shards.append(shard)
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, shard, token, tg.cancel_scope)
+                for seq in await self.store.batch_seqs(shard):
+                    await self._deliver(shard, seq, token, report)
+                while claimed := await self.store.claim(shard, token, self.settings.batch_size):
+                    await self._checkpoint_at("claimed")
+                    await self._deliver(shard, claimed[0], token, report)
+                tg.cancel_scope.cancel()
+        except* LeaseLostError as group:
+            logger.warning("shard %s: %s; the new holder finishes its batches", shard, group.exceptions[0])
+            self._tokens.pop(shard, None)
+            report.left += 1
+        except* StorageError as group:
+            # Redis is down or restarting: what was sent and not acknowledged is resent, identically, later.
+            logger.warning("shard %s: %s; retrying next pass", shard, group.exceptions[0])
+            report.left += 1
+
+    async def _keep_lease(self, shard: int, token: str, work: anyio.CancelScope) -> None:
+        ttl_ms = int(self.settings.lease_ttl * 1000)
+        while True:
+            await anyio.sleep(self.settings.lease_ttl / 3)
+            try:
+                renewed = await self.store.acquire_lease(shard, self.owner, ttl_ms, token)
+            except StorageError as exc:
+                logger.warning("shard %s: lease renewal failed: %s", shard, exc)
+                continue
+            if renewed != token:
+                # Another flusher holds the shard now: stop sending; our acks would be refused anyway.
+                logger.warning("shard %s: lease lost, stopping work on it", shard)
+                self._tokens.pop(shard, None)
+                if renewed:
+                    await self.store.release_lease(shard, renewed)
+                work.cancel()
+                return
+
+    async def _checkpoint_at(self, name: str) -> None:
+        if self._checkpoint is not None:
+            await self._checkpoint(name)
+
+    # -- one batch ---------------------------------------------------------------------------------
+    async def _now(self, line: BatchLine, batch: Batch) -> int:
+        """The time a line is stamped with: the test clock's frozen time, else Redis time at claim."""
+        clock = line.meta.get("test_clock")
+        if not clock:
+            return batch.claimed_at_ms // 1000
+        if clock not in self._clock_cache:
+            assert self._client is not None
+            found = await self._client.v1.test_helpers.test_clocks.retrieve_async(clock)
+            self._clock_cache[clock] = int(found.frozen_time)
+        return self._clock_cache[clock]
+
+    def _place(self, line: BatchLine, now: int) -> tuple[int, bool]:
+        """The timestamp inside the period the line was counted in; past that period's end, ``now``
+        (an explicit re-stamp: the period closed before the line could be sent)."""
+        start, end = line.meta.get("period_start"), line.meta.get("period_end")
+        if isinstance(start, int) and isinstance(end, int) and end > start:
+            if now >= end:
+                return now, True
+            return max(now, start), False
+        return now, False
+
+    async def _deliver(self, shard: int, seq: int, token: str, report: FlushReport) -> None:
+        batch = await self.store.load(shard, seq)
+        if batch is None:
+            return
+        horizon_ms = int(self.settings.stale_after * 1000)
+        stale = [
+            line
+            for line in batch.lines
+            if line.stamp and batch.read_at_ms - line.stamp.first_attempt_ms > horizon_ms
+        ]
+        if stale:
+            # DESIGN invariant 8: past the deduplication horizon a resend could bill twice; reconcile instead.
+            error = {"message": f"first attempted more than {self.settings.stale_after:.0f}s ago"}
+            moved = await self.store.dead_letter(
+                shard,
+                seq,
+                token,
+                [(line.target_id, line.stamp.raw if line.stamp else "", "stale", error) for line in stale],
+            )
+            report.dead += moved
+            logger.error(
+                "shard %s batch %s: %d stale line(s) dead-lettered for reconciliation", shard, seq, moved
+            )
+        stale_ids = {line.target_id for line in stale}
+        lines = [line for line in batch.lines if line.target_id not in stale_ids]
+        stamped: list[tuple[BatchLine, Stamp]] = [(line, line.stamp) for line in lines if line.stamp]
+        fresh = [line for line in lines if line.stamp is None]
+        if fresh:
+            requests: list[tuple[str, str]] = []
+            for line in fresh:
+                try:
+                    now = await self._now(line, batch)
+                except stripe.StripeError as exc:
+                    logger.warning("test clock lookup failed, retrying later: %s", exc)
+                    report.left += 1
+                    continue
+                ts, moved_on = self._place(line, now)
+                if moved_on:
+                    report.restamped += 1
+                    logger.warning(
+                        "shard %s batch %s: %s counted in a period that closed before sending; stamped at %s",
+                        shard,
+                        seq,
+                        line.target_id,
+                        ts,
+                    )
+                key = line_key(self.layout.namespace, shard, seq, batch.claimed_at_ms, 1, line.target_id)
+                requests.append((line.target_id, f"1|{ts}|{key}"))
+            by_id = {line.target_id: line for line in fresh}
+            stamps = await self.store.stamp(shard, seq, token, requests)
+            stamped += [(by_id[tid], s) for (tid, _), s in zip(requests, stamps, strict=True) if s]
+        limit = self.sink.batch_limit
+        async with anyio.create_task_group() as tg:
+            for i in range(0, len(stamped), limit):
+                tg.start_soon(self._send, shard, seq, token, stamped[i : i + limit], report, batch)
+
+    # -- one request -------------------------------------------------------------------------------
+    def _send_line(self, line: BatchLine, stamp: Stamp) -> SendLine:
+        customer, item, event = parse_target_id(line.target_id)
+        return SendLine(line.target_id, customer, item, event, line.units, stamp.timestamp, stamp.key)
+
+    async def _send(
+        self,
+        shard: int,
+        seq: int,
+        token: str,
+        lines: Sequence[tuple[BatchLine, Stamp]],
+        report: FlushReport,
+        batch: Batch,
+    ) -> None:
+        todo = list(lines)
+        failures = 0
+        restamps: dict[str, int] = {}
+        while todo:
+            wires = [self._send_line(line, stamp) for line, stamp in todo]
+            async with self._slots, self._locks.hold(self.sink.lock_key(w) for w in wires):
+                if self._bucket is not None:
+                    await self._bucket.acquire()
+                await self._checkpoint_at("before_send")
+                outcomes = await self.sink.send(wires)
+                await self._checkpoint_at("sent")
+            acks = [
+                (line.target_id, stamp.raw)
+                for (line, stamp), o in zip(todo, outcomes, strict=True)
+                if o.kind == "delivered"
+            ]
+            dead = [
+                (line.target_id, stamp.raw, o.reason, dict(o.error))
+                for (line, stamp), o in zip(todo, outcomes, strict=True)
+                if o.kind == "dead"
+                or (o.kind == "restamp" and restamps.get(line.target_id, 0) >= _MAX_RESTAMPS)
+            ]
+            if acks:
+                report.delivered += await self.store.ack(shard, seq, token, acks)
+                await self._checkpoint_at("acked")
+            if dead:
+                report.dead += await self.store.dead_letter(shard, seq, token, dead)
+                for target, _, reason, error in dead:
+                    logger.error(
+                        "dead-lettered %s (shard %s batch %s): %s %s", target, shard, seq, reason, error
+                    )
+            dead_ids = {d[0] for d in dead}
+            retry: list[tuple[BatchLine, Stamp]] = []
+            retry_after: float | None = None
+            for (line, stamp), outcome in zip(todo, outcomes, strict=True):
+                if outcome.kind == "restamp" and line.target_id not in dead_ids:
+                    new = await self._restamp(shard, seq, token, line, stamp, batch, outcome)
+                    restamps[line.target_id] = restamps.get(line.target_id, 0) + 1
+                    report.restamped += 1
+                    if new is not None:
+                        retry.append((line, new))
+                elif outcome.kind == "retry":
+                    retry.append((line, stamp))
+                    retry_after = max(retry_after or 0.0, outcome.retry_after or 0.0) or None
+            if any(o.kind == "retry" for o in outcomes):
+                await self._checkpoint_at("send_failed")
+                failures += 1
+                if failures >= self.settings.retry_attempts:
+                    reasons = sorted({o.reason for o in outcomes if o.kind == "retry"})
+                    logger.warning(
+                        "shard %s batch %s: %d line(s) left for a later pass (%s)",
+                        shard,
+                        seq,
+                        len(retry),
+                        reasons,
+                    )
+                    report.left += len(retry)
+                    return
+                s = self.settings
+                await anyio.sleep(backoff_delay(failures, s.retry_backoff, s.retry_backoff_max, retry_after))
+            todo = retry
+
+    async def _restamp(
+        self, shard: int, seq: int, token: str, line: BatchLine, old: Stamp, batch: Batch, outcome: Outcome
+    ) -> Stamp | None:
+        """Stripe refused the timestamp (its period closed): a new attempt, new timestamp, new key, logged."""
+        clock = line.meta.get("test_clock")
+        if clock:
+            self._clock_cache.pop(clock, None)  # the clock has moved on since this pass started
+            now = await self._now(line, batch)
+        else:
+            now = int(await self._redis_now())
+        attempt = old.attempt + 1
+        key = line_key(self.layout.namespace, shard, seq, batch.claimed_at_ms, attempt, line.target_id)
+        new = await self.store.restamp(shard, seq, token, line.target_id, old, f"{attempt}|{now}|{key}")
+        logger.warning(
+            "re-stamped %s (shard %s batch %s) from %s to %s as attempt %s: %s",
+            line.target_id,
+            shard,
+            seq,
+            old.timestamp,
+            now,
+            attempt,
+            outcome.error.get("message"),
+        )
+        return new
+
+    async def _redis_now(self) -> float:
+        assert self._redis is not None
+        seconds, micros = await self._redis.time()
+        return seconds + micros / 1e6

@@ -1,0 +1,352 @@
+"""The three ways usage reaches Stripe, behind one small interface, and how Stripe's answers are classified.
+
+Every sink goes through the official SDK's async methods (httpx underneath), one client per flusher, and sends
+exactly the parameters it is given: the flusher derives them from the stored batch, so a retry is identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, Protocol
+
+import anyio
+import stripe
+from stripe._base_address import BaseAddresses
+from stripe.params.billing import MeterEventCreateParams
+from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
+
+from metered_middleware._delivery_config import DeliverySettings
+
+__all__ = [
+    "MeterEventStreamSink",
+    "MeterEventsSink",
+    "Outcome",
+    "SendLine",
+    "Sink",
+    "UsageRecordsSink",
+    "classify",
+    "make_sink",
+    "make_stripe_client",
+]
+
+logger = logging.getLogger("metered_middleware.flusher")
+
+OutcomeKind = Literal["delivered", "retry", "dead", "restamp"]
+# Codes that say the line can never succeed as it is: it goes to the dead-letter with Stripe's error.
+_STREAM_BATCH: Final = 100
+# Renew a stream session this long before Stripe says it expires, so no request races the expiry.
+_SESSION_MARGIN: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendLine:
+    """One line as Stripe will see it: every field comes from the stored batch and its stamp."""
+
+    target_id: str
+    customer: str
+    subscription_item: str | None
+    event_name: str | None
+    units: int
+    timestamp: int
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to do with a line after Stripe answered (or did not)."""
+
+    kind: OutcomeKind
+    reason: str = ""
+    error: Mapping[str, Any] = field(default_factory=dict)
+    retry_after: float | None = None
+
+
+DELIVERED: Final = Outcome("delivered")
+_NO_EVENT_NAME: Final = Outcome("dead", "no_meter_event_name", {"message": "set METERED_METER_EVENT_NAME"})
+
+
+class Sink(Protocol):
+    """A Stripe mechanism usage is reported through."""
+
+    name: str
+    batch_limit: int
+
+    def lock_key(self, line: SendLine) -> str:
+        """Lines with the same lock key are never in flight together (one call per customer and meter)."""
+        ...
+
+    async def send(self, lines: Sequence[SendLine]) -> list[Outcome]:
+        """Send up to ``batch_limit`` lines; one outcome per line, in order; Stripe errors never raise."""
+        ...
+
+
+def _error_info(exc: stripe.StripeError) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "status": exc.http_status,
+        "code": exc.code,
+        "message": exc.user_message or str(exc),
+    }
+    body = exc.json_body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        info["param"] = body["error"].get("param")
+        info["stripe_type"] = body["error"].get("type")
+    if exc.request_id:
+        info["request_id"] = exc.request_id
+    return info
+
+
+def _header(exc: stripe.StripeError, name: str) -> str | None:
+    for key, value in (exc.headers or {}).items():
+        if key.lower() == name.lower():
+            return str(value)
+    return None
+
+
+def _is_duplicate_identifier(info: Mapping[str, Any]) -> bool:
+    message = str(info.get("message") or "").lower()
+    return info.get("code") in {"resource_already_exists", "duplicate_meter_event"} or (
+        "identifier" in message and ("already" in message or "duplicate" in message)
+    )
+
+
+def _is_closed_period(info: Mapping[str, Any]) -> bool:
+    """Stripe refused the timestamp itself: the period it falls in is closed or out of the allowed window."""
+    return info.get("status") == 400 and info.get("param") == "timestamp"
+
+
+def classify(exc: Exception) -> Outcome:
+    """Map a Stripe error onto an outcome (DESIGN invariant 5).
+
+    Success and idempotent replay acknowledge (handled by the caller); a duplicate meter event
+    identifier means an earlier attempt landed, so it acknowledges too. 429, 409, 5xx, timeouts and
+    connection errors retry; ``Stripe-Should-Retry`` overrides the status when present. A refused
+    timestamp asks for a re-stamp. Anything else Stripe refused for good goes to the dead-letter with
+    Stripe's error.
+    """
+    if isinstance(exc, stripe.APIConnectionError):
+        return Outcome("retry", "connection", {"type": type(exc).__name__, "message": str(exc)})
+    if not isinstance(exc, stripe.StripeError):
+        return Outcome("retry", "unexpected", {"type": type(exc).__name__, "message": str(exc)})
+    info = _error_info(exc)
+    status = exc.http_status or 0
+    retry_after: float | None = None
+    if (raw := _header(exc, "Retry-After")) is not None:
+        try:
+            retry_after = float(raw)
+        except ValueError:
+            retry_after = None
+    if _is_duplicate_identifier(info):
+        return DELIVERED
+    should_retry = _header(exc, "Stripe-Should-Retry")
+    if status == 429 or (should_retry == "true"):
+        return Outcome("retry", "rate_limited" if status == 429 else "retryable", info, retry_after)
+    if status in (401, 403) or isinstance(exc, stripe.TemporarySessionExpiredError):
+        # A bad or expired key refuses everything; that is an outage to fix, not a property of the line.
+        return Outcome("retry", "unauthorized", info, retry_after)
+    if should_retry == "false" and status < 500:
+        return _refused(info)
+    if status == 409 or status >= 500 or status == 0:
+        return Outcome("retry", "server_error", info, retry_after)
+    return _refused(info)
+
+
+def _refused(info: dict[str, Any]) -> Outcome:
+    if _is_closed_period(info):
+        return Outcome("restamp", "period_closed", info)
+    if info.get("stripe_type") == "idempotency_error":
+        # Never expected (parameters are a pure function of the batch); kept loudly rather than retried.
+        return Outcome("dead", "idempotency_conflict", info)
+    return Outcome("dead", "refused", info)
+
+
+def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
+    """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters)."""
+    http = stripe.HTTPXClient(timeout=settings.request_timeout)
+    bases: BaseAddresses = {}
+    if settings.api_base:
+        bases["api"] = settings.api_base
+    if settings.meter_events_base or settings.api_base:
+        bases["meter_events"] = settings.meter_events_base or settings.api_base
+    client = stripe.StripeClient(
+        settings.stripe_api_key, http_client=http, base_addresses=bases, max_network_retries=0
+    )
+    return client, http
+
+
+async def _guard(call: Any) -> Outcome:
+    try:
+        await call
+    except stripe.StripeError as exc:
+        return classify(exc)
+    return DELIVERED
+
+
+class UsageRecordsSink:
+    """Legacy usage records on the subscription item (``action=increment``), on a pre-2025-03-31 API."""
+
+    name = "usage_records"
+    batch_limit = 1
+
+    def __init__(self, client: stripe.StripeClient, legacy_api_version: str) -> None:
+        self.client = client
+        self.legacy_api_version = legacy_api_version
+
+    def lock_key(self, line: SendLine) -> str:
+        """Usage records serialise per subscription item."""
+        return line.subscription_item or line.customer
+
+    async def send(self, lines: Sequence[SendLine]) -> list[Outcome]:
+        """Create one usage record per line, with the line's key as the idempotency key."""
+        return [await self._send_one(line) for line in lines]
+
+    async def _send_one(self, line: SendLine) -> Outcome:
+        if not line.subscription_item:
+            return Outcome("dead", "no_subscription_item", {"message": "target has no subscription item"})
+        # raw_request takes request options as top-level keywords (extract_options_from_dict pops them).
+        return await _guard(
+            self.client.raw_request_async(
+                "post",
+                f"/v1/subscription_items/{line.subscription_item}/usage_records",
+                quantity=line.units,
+                timestamp=line.timestamp,
+                action="increment",
+                stripe_version=self.legacy_api_version,
+                idempotency_key=line.key,
+            )
+        )
+
+
+class MeterEventsSink:
+    """Billing meter events (v1): ``identifier`` deduplicates, ``timestamp`` places the usage."""
+
+    name = "meter_events"
+    batch_limit = 1
+
+    def __init__(self, client: stripe.StripeClient, default_event_name: str | None = None) -> None:
+        self.client = client
+        self.default_event_name = default_event_name
+
+    def lock_key(self, line: SendLine) -> str:
+        """Stripe allows one concurrent call per customer and meter."""
+        return f"{line.customer}|{line.event_name or self.default_event_name}"
+
+    async def send(self, lines: Sequence[SendLine]) -> list[Outcome]:
+        """Create one meter event per line; the identifier (and idempotency key) is the line's key."""
+        return [await self._send_one(line) for line in lines]
+
+    async def _send_one(self, line: SendLine) -> Outcome:
+        event_name = line.event_name or self.default_event_name
+        if not event_name:
+            return _NO_EVENT_NAME
+        params: MeterEventCreateParams = {
+            "event_name": event_name,
+            "payload": {"stripe_customer_id": line.customer, "value": str(line.units)},
+            "identifier": line.key,
+            "timestamp": line.timestamp,
+        }
+        return await _guard(
+            self.client.v1.billing.meter_events.create_async(params, {"idempotency_key": line.key})
+        )
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+class MeterEventStreamSink:
+    """The v2 meter event stream: up to 100 events a request, authenticated by a short-lived session token.
+
+    The token is renewed ahead of its expiry; if Stripe still says it expired, it is renewed and the same
+    events (same identifiers) are sent again, which the stream deduplicates.
+    """
+
+    name = "meter_event_stream"
+    batch_limit = _STREAM_BATCH
+
+    def __init__(self, client: stripe.StripeClient, default_event_name: str | None = None) -> None:
+        self.client = client
+        self.default_event_name = default_event_name
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = anyio.Lock()
+        self.sessions_created = 0
+
+    def lock_key(self, line: SendLine) -> str:
+        """One request in flight per customer and meter, as for v1 meter events."""
+        return f"{line.customer}|{line.event_name or self.default_event_name}"
+
+    async def _session(self, *, renew: bool = False) -> str:
+        async with self._lock:
+            if renew or self._token is None or time.time() >= self._expires_at - _SESSION_MARGIN:
+                session = await self.client.v2.billing.meter_event_session.create_async()
+                self._token = session.authentication_token
+                self._expires_at = _epoch(session.expires_at)
+                self.sessions_created += 1
+            return self._token
+
+    async def send(self, lines: Sequence[SendLine]) -> list[Outcome]:
+        """Send the lines that have an event name in one request; the outcome applies to all of them."""
+        outcomes: list[Outcome | None] = [None] * len(lines)
+        events: list[MeterEventStreamCreateParamsEvent] = []
+        index: list[int] = []
+        for i, line in enumerate(lines):
+            event_name = line.event_name or self.default_event_name
+            if not event_name:
+                outcomes[i] = Outcome(
+                    "dead", "no_meter_event_name", {"message": "set METERED_METER_EVENT_NAME"}
+                )
+                continue
+            events.append(
+                {
+                    "event_name": event_name,
+                    "identifier": line.key,
+                    "payload": {"stripe_customer_id": line.customer, "value": str(line.units)},
+                    "timestamp": _iso(line.timestamp),
+                }
+            )
+            index.append(i)
+        if events:
+            outcome = await self._send_events(events)
+            for i in index:
+                outcomes[i] = outcome
+        return [o or DELIVERED for o in outcomes]
+
+    async def _send_events(self, events: list[MeterEventStreamCreateParamsEvent]) -> Outcome:
+        renewed = False
+        while True:
+            try:
+                token = await self._session(renew=renewed)
+                await self.client.v2.billing.meter_event_stream.create_async(
+                    {"events": events}, {"api_key": token}
+                )
+            except stripe.StripeError as exc:
+                outcome = classify(exc)
+                expired = isinstance(exc, stripe.TemporarySessionExpiredError) or (
+                    exc.http_status == 401 and "session" in str(exc.code or exc.user_message or "").lower()
+                )
+                if expired and not renewed:
+                    logger.info("meter event session expired; renewing and resending the same identifiers")
+                    renewed = True
+                    continue
+                return outcome
+            return DELIVERED
+
+
+def make_sink(settings: DeliverySettings, client: stripe.StripeClient) -> Sink:
+    """The sink ``settings.sink`` names."""
+    if settings.sink == "usage_records":
+        return UsageRecordsSink(client, settings.legacy_api_version)
+    if settings.sink == "meter_event_stream":
+        return MeterEventStreamSink(client, settings.meter_event_name)
+    return MeterEventsSink(client, settings.meter_event_name)

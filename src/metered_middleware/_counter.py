@@ -88,19 +88,31 @@ class Counter:
                     self.max_targets,
                 )
                 self._overflow_logged = True
-        if self._task is None and self.window > 0 and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="mm-counter")
+        if self._task is None and self.window > 0:
+            self._ensure_task()
         return self._buffer_gen
+
+    def _ensure_task(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="mm-counter")
 
     # -- writing -------------------------------------------------------------------------------------------
     async def commit(self, generation: int) -> None:
         """Wait until the given generation is in Redis (used when the window is 0).
 
         Concurrent callers share one pipeline: whoever holds the lock writes for everyone buffered so far.
+        While Redis is failing nobody waits: the background retry owns the buffer until Redis returns.
         """
-        async with self._lock:
-            while self._acked_gen < generation:
-                await self._flush_locked()
+        if not self.healthy:
+            self._ensure_task()
+            return
+        try:
+            async with self._lock:
+                while self._acked_gen < generation:
+                    await self._flush_locked()
+        except StorageError:
+            self._ensure_task()
+            raise
 
     async def flush(self) -> None:
         """Write everything buffered now; raises ``StorageError`` when Redis refuses."""
@@ -161,15 +173,17 @@ class Counter:
         self.healthy = False
 
     async def _run(self) -> None:
-        delay = self.window
+        # With a zero window this task exists only to retry after a failure, every 50 ms at first.
+        base = self.window or 0.05
+        delay = base
         while not self._closed:
             await asyncio.sleep(delay)
             try:
                 async with self._lock:
                     await self._flush_locked()
-                delay = self.window
+                delay = base
             except StorageError:
-                delay = min(max(delay * 2, self.window), 1.0)
+                delay = min(delay * 2, 1.0)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def aclose(self, timeout: float = 10.0) -> None:

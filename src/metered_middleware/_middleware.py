@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import re
@@ -188,20 +189,13 @@ class MeteringMiddleware:
             if message["type"] == "http.response.start" and message["status"] in statuses:
                 generation = counter.add(target, weight)
                 if self._immediate:
-                    try:
+                    # The count is taken either way: a failed write stays buffered and is retried with its
+                    # sequence number, so it lands exactly once. Refusing now could bill a refused request.
+                    with contextlib.suppress(StorageError):
                         await counter.commit(generation)
-                    except StorageError:
-                        if self._closed_mode:
-                            # Not recorded, so not served: the caller retries, nobody is billed.
-                            await self.rejections.http(send, "metering_unavailable")
-                            raise _Refused from None
-                        # open mode: the count stays buffered and is written when Redis returns
             await send(message)
 
-        try:
-            await self.app(scope, receive, metered_send)
-        except _Refused:
-            return
+        await self.app(scope, receive, metered_send)
 
     # -- websockets: one count per accepted connection -----------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -242,7 +236,3 @@ class MeteringMiddleware:
     async def aclose(self) -> None:
         """Write buffered counts and stop the background writer. Safe to call more than once."""
         await self.counter.aclose()
-
-
-class _Refused(Exception):
-    """Raised through the app when a response was replaced by a refusal; never escapes the middleware."""

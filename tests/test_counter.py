@@ -1,0 +1,97 @@
+"""Coalesced counting writes to Redis once per window, idempotently, with bounded memory."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from metered_middleware import BillingTarget, Counter, CountStore
+from metered_middleware._layout import Layout
+from metered_middleware._store import CountWrite
+from tests.helpers import pending_totals
+
+pytestmark = pytest.mark.anyio
+
+NOW = int(time.time())
+A = BillingTarget(customer="cus_a", subscription_item="si_a", period_start=NOW - 100, period_end=NOW + 100)
+B = BillingTarget(customer="cus_b", meter_event_name="calls")
+
+
+async def test_a_retried_write_is_applied_once(redis_client: aioredis.Redis) -> None:
+    """Sending the same (writer, seq) twice, as a retry after a lost reply does, counts once."""
+    layout = Layout("mm", 4)
+    store = CountStore(redis_client, layout)
+    write = CountWrite(layout.shard_of(A.target_id), "w1", 1, [(A, 3)])
+    assert await store.apply([write]) == [True]
+    assert await store.apply([write]) == [True]
+    assert await pending_totals(redis_client, layout) == {A.target_id: 3}
+    assert await store.period_usage(A) == 3
+    later = CountWrite(write.shard, "w1", 2, [(A, 4)])
+    await store.apply([later])
+    assert await pending_totals(redis_client, layout) == {A.target_id: 7}
+    ttl = await redis_client.ttl(layout.usage(write.shard, NOW - 100))
+    assert 100 < ttl <= 100 + store.usage_retention  # kept past the period for reconciliation, not forever
+
+
+async def test_many_adds_one_write(redis_client: aioredis.Redis) -> None:
+    """A thousand adds in a window become one pipeline with one line per target."""
+    layout = Layout("mm", 4)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10)
+    for _ in range(1000):
+        counter.add(A, 1)
+        counter.add(B, 2)
+    await counter.flush()
+    assert await pending_totals(redis_client, layout) == {A.target_id: 1000, B.target_id: 2000}
+    assert counter.stats.writes <= 2  # at most one per shard touched
+    assert counter.stats.buffered_units == 0
+    await counter.aclose()
+
+
+async def test_targets_metadata_is_kept_for_the_flusher(redis_client: aioredis.Redis) -> None:
+    """The period bounds a target was counted under are stored beside its pending count."""
+    layout = Layout("mm", 2)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10)
+    counter.add(A, 1)
+    await counter.aclose()
+    raw = await redis_client.hget(layout.targets(layout.shard_of(A.target_id)), A.target_id)
+    assert raw is not None
+    assert f'"period_start":{NOW - 100}'.encode() in raw
+    assert f'"period_end":{NOW + 100}'.encode() in raw
+
+
+async def test_overflow_is_counted_and_logged_never_silent(
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the buffer's target limit, units for new targets are counted as overflow and logged."""
+    layout = Layout("mm", 1)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10, max_targets=1)
+    counter.add(A, 1)
+    counter.add(A, 1)  # an existing target still fits
+    counter.add(B, 5)
+    assert counter.stats.overflow_units == 5
+    assert "count buffer full" in caplog.text
+    await counter.aclose()
+    assert await pending_totals(redis_client, layout) == {A.target_id: 2}
+
+
+async def test_counts_survive_redis_refusing_until_it_returns(redis_url: str) -> None:
+    """While Redis is unreachable counts stay buffered and the counter reports unhealthy."""
+    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    layout = Layout("mm", 1)
+    counter = Counter(CountStore(dead, layout), layout, window=10)
+    counter.add(A, 4)
+    with pytest.raises(Exception, match="count write failed"):
+        await counter.flush()
+    assert not counter.healthy
+    assert counter.stats.buffered_units == 4
+    live = aioredis.Redis.from_url(redis_url)
+    await live.flushdb()
+    counter.store = CountStore(live, layout)
+    await counter.flush()
+    assert counter.healthy
+    assert await pending_totals(live, layout) == {A.target_id: 4}
+    await counter.aclose()
+    await dead.aclose()
+    await live.aclose()

@@ -1,0 +1,138 @@
+"""Resolvers and the in-process cache in front of them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from metered_middleware import (
+    BillingTarget,
+    CachingResolver,
+    CallableResolver,
+    ConfigurationError,
+    StaticResolver,
+    StorageError,
+    hash_key,
+)
+
+pytestmark = pytest.mark.anyio
+
+T = BillingTarget(customer="cus_1", subscription_item="si_1")
+
+
+class Counting:
+    """A resolver that counts its calls and can be made to fail."""
+
+    def __init__(self, answer: BillingTarget | None) -> None:
+        self.calls = 0
+        self.answer = answer
+        self.fail = False
+
+    async def resolve(self, key: str) -> BillingTarget | None:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        if self.fail:
+            raise StorageError("down")
+        return self.answer
+
+
+async def test_hits_stay_in_process_until_ttl() -> None:
+    """Within the positive TTL the inner resolver is asked once."""
+    inner = Counting(T)
+    cache = CachingResolver(inner, ttl=60)
+    for _ in range(5):
+        assert await cache.resolve("k") == T
+    assert inner.calls == 1
+
+
+async def test_negative_answers_are_cached_for_the_negative_ttl() -> None:
+    """Unknown keys are remembered briefly, blunting key-guessing floods, then asked again."""
+    inner = Counting(None)
+    cache = CachingResolver(inner, ttl=60, negative_ttl=0.05)
+    assert await cache.resolve("guess") is None
+    assert await cache.resolve("guess") is None
+    assert inner.calls == 1
+    await asyncio.sleep(0.06)
+    assert await cache.resolve("guess") is None
+    assert inner.calls == 2
+
+
+async def test_expired_entry_is_refreshed_so_revocation_shows_within_ttl() -> None:
+    """After the positive TTL the inner resolver's new answer (e.g. revoked) is seen."""
+    inner = Counting(T)
+    cache = CachingResolver(inner, ttl=0.05)
+    assert await cache.resolve("k") == T
+    inner.answer = BillingTarget(customer="cus_1", revoked=True)
+    await asyncio.sleep(0.06)
+    target = await cache.resolve("k")
+    assert target is not None
+    assert target.revoked
+
+
+async def test_concurrent_misses_share_one_lookup() -> None:
+    """A burst of requests with a new key costs one lookup."""
+    inner = Counting(T)
+    cache = CachingResolver(inner)
+    results = await asyncio.gather(*(cache.resolve("k") for _ in range(20)))
+    assert results == [T] * 20
+    assert inner.calls == 1
+
+
+async def test_stale_entry_served_when_inner_fails() -> None:
+    """When Redis is down, a key seen before keeps resolving; a new one raises StorageError."""
+    inner = Counting(T)
+    cache = CachingResolver(inner, ttl=0.01)
+    await cache.resolve("k")
+    await asyncio.sleep(0.02)
+    inner.fail = True
+    assert await cache.resolve("k") == T
+    with pytest.raises(StorageError):
+        await cache.resolve("never-seen")
+
+
+async def test_cache_is_bounded() -> None:
+    """The cache never holds more than max_entries keys."""
+    cache = CachingResolver(Counting(None), max_entries=10)
+    for i in range(50):
+        await cache.resolve(f"k{i}")
+    assert len(cache._entries) == 10
+
+
+async def test_static_resolver_hashes_keys_on_load(tmp_path: Path) -> None:
+    """Static keys resolve by hash; the JSON may give keys or their sha256."""
+    raw = {
+        "plain_key_1": {"customer": "cus_a", "subscription_item": "si_a"},
+        "sha256:" + hash_key("secret_key_2"): {"customer": "cus_b", "status": "canceled"},
+    }
+    file = tmp_path / "keys.json"
+    file.write_text(json.dumps(raw))
+    for resolver in (StaticResolver.from_setting(json.dumps(raw)), StaticResolver.from_setting(f"@{file}")):
+        a = await resolver.resolve("plain_key_1")
+        b = await resolver.resolve("secret_key_2")
+        assert a is not None
+        assert a.subscription_item == "si_a"
+        assert b is not None
+        assert not b.active
+        assert await resolver.resolve("other") is None
+    assert "plain_key_1" not in repr(StaticResolver.from_setting(json.dumps(raw)).__dict__)
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1,2]", '{"k": {"no_customer": 1}}', "@/does/not/exist"])
+def test_static_resolver_bad_setting(raw: str) -> None:
+    """A malformed METERED_STATIC_KEYS names the variable."""
+    with pytest.raises(ConfigurationError, match="METERED_STATIC_KEYS"):
+        StaticResolver.from_setting(raw)
+
+
+async def test_callable_resolver() -> None:
+    """Any async callable can be the resolver."""
+
+    async def lookup(key: str) -> BillingTarget | None:
+        return T if key == "good" else None
+
+    resolver = CallableResolver(lookup)
+    assert await resolver.resolve("good") == T
+    assert await resolver.resolve("bad") is None

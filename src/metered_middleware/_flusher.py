@@ -350,10 +350,12 @@ class Flusher:
                 or (o.kind == "restamp" and restamps.get(line.target_id, 0) >= _MAX_RESTAMPS)
             ]
             if acks:
-                report.delivered += await self.store.ack(shard, seq, token, acks)
+                acked = await self.store.ack(shard, seq, token, acks)
+                report.delivered += acked  # not `+= await`: that reads the total before yielding
                 await self._checkpoint_at("acked")
             if dead:
-                report.dead += await self.store.dead_letter(shard, seq, token, dead)
+                moved = await self.store.dead_letter(shard, seq, token, dead)
+                report.dead += moved
                 for target, _, reason, error in dead:
                     logger.error(
                         "dead-lettered %s (shard %s batch %s): %s %s", target, shard, seq, reason, error

@@ -164,9 +164,22 @@ def _refused(info: dict[str, Any]) -> Outcome:
     return Outcome("dead", "refused", info)
 
 
+class _HTTPXClient(stripe.HTTPXClient):
+    """The SDK's httpx client, sending the encoded body as ``content=`` (httpx deprecates raw ``data=``)."""
+
+    def _get_request_args_kwargs(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
+    ) -> Any:
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        data = kwargs.pop("data", None)
+        if data:
+            kwargs["content"] = data
+        return [args, kwargs]
+
+
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
     """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters)."""
-    http = stripe.HTTPXClient(timeout=settings.request_timeout)
+    http = _HTTPXClient(timeout=settings.request_timeout)
     bases: BaseAddresses = {}
     if settings.api_base:
         bases["api"] = settings.api_base

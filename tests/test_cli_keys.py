@@ -46,6 +46,18 @@ async def test_create_list_revoke(redis_client: aioredis.Redis, redis_url: str) 
     assert key not in listed.stdout
     assert [r["key_id"] for r in json.loads(listed.stdout)] == [record["key_id"]]
 
+    rotated = cli(redis_url, "keys", "rotate", key)
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = rotated.stdout.splitlines()[0]
+    assert new_key != key
+    old = await KeyRegistry(redis_client).resolve(key)
+    assert old is not None
+    assert old.revoked
+    key = new_key
+    new_record = await KeyRegistry(redis_client).get(key)
+    assert new_record is not None
+    record["key_id"] = new_record.key_id
+
     revoked = cli(redis_url, "keys", "revoke", record["key_id"])
     assert revoked.returncode == 0, revoked.stderr
     after = await KeyRegistry(redis_client).resolve(key)

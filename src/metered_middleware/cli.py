@@ -1,4 +1,4 @@
-"""The ``metered-middleware`` command: keys, flush, dead-letter, emulator.
+"""The ``metered-middleware`` command: keys, flush, dead-letter, emulator and operations.
 
 Every subcommand reads the same ``METERED_*`` environment as the middleware. The CLI, unlike the library,
 owns its event loop and may install signal handlers.
@@ -90,7 +90,17 @@ def _keys(args: argparse.Namespace) -> int:
                 print(f"{r.key_id}  {r.target.customer}  {item}  {state}")
         return 0
 
-    actions = {"create": create, "revoke": revoke, "list": list_keys}
+    async def rotate(registry: KeyRegistry) -> int:
+        issued = await registry.rotate(args.key)
+        if issued is None:
+            print("no such key", file=sys.stderr)
+            return 1
+        print(issued.key)
+        if args.json:
+            print(json.dumps(_record_json(issued.record)))
+        return 0
+
+    actions = {"create": create, "revoke": revoke, "list": list_keys, "rotate": rotate}
     return asyncio.run(_with_registry(settings, actions[args.keys_command]))
 
 
@@ -114,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by the key or its id")
     revoke.add_argument("key", metavar="KEY_OR_ID")
     revoke.add_argument("--json", action="store_true")
+    rotate = keys_sub.add_parser("rotate", help="issue a new key for the same target and revoke the old one")
+    rotate.add_argument("key", metavar="KEY_OR_ID")
+    rotate.add_argument("--json", action="store_true")
     listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--customer")
     listing.add_argument("--json", action="store_true")

@@ -1,0 +1,1 @@
+"""Example applications built on metered-middleware; run them from the repository root."""

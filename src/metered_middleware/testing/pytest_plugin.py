@@ -1,1 +1,49 @@
-"""pytest plugin: fixtures for the local Stripe emulator (registered through the pytest11 entry point)."""
+"""pytest plugin: fixtures for the local Stripe emulator (registered through the pytest11 entry point).
+
+- `stripe_emulator_server`: one `StripeEmulator` for the whole session, started on first use.
+- `stripe_emulator`: that emulator, reset before each test, with rate limiting **off**
+  (`rate_limit=None`) so tests run fast; set `stripe_emulator.rate_limit = 25.0` in a test to get
+  Stripe's test-mode limit. Faults, latency, the emulated clock and all objects are wiped too.
+- `stripe_client`: a `stripe.StripeClient` pointed at it (sync and async methods both work,
+  `max_network_retries=0`), closed after the test.
+
+Nothing starts unless a test asks for one of these fixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import stripe
+
+from metered_middleware.testing.emulator import StripeEmulator
+
+
+@pytest.fixture(scope="session")
+def stripe_emulator_server() -> Iterator[StripeEmulator]:
+    """The session's emulator server; prefer `stripe_emulator`, which also resets it."""
+    emulator = StripeEmulator(rate_limit=None).start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def stripe_emulator(stripe_emulator_server: StripeEmulator) -> Iterator[StripeEmulator]:
+    """A freshly reset emulator: no objects, no faults, rate limit off, no webhook endpoint."""
+    emulator = stripe_emulator_server
+    emulator.reset()
+    emulator.rate_limit = None
+    emulator.set_webhook(None, None)
+    try:
+        yield emulator
+    finally:
+        emulator.reset()
+
+
+@pytest.fixture
+def stripe_client(stripe_emulator: StripeEmulator) -> stripe.StripeClient:
+    """A `StripeClient` talking to `stripe_emulator` (closed when the emulator resets)."""
+    return stripe_emulator.client()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from metered_middleware._errors import StorageError
@@ -93,6 +95,8 @@ class CountStore:
         """
         if not writes:
             return []
+        if isinstance(self.redis, RedisCluster):
+            return await self._apply_cluster(writes)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for write in writes:
@@ -101,6 +105,25 @@ class CountStore:
                 results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise StorageError(f"count write failed: {exc}") from exc
+        return [r if isinstance(r, BaseException) else True for r in results]
+
+    async def _apply_cluster(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
+        # redis-py's cluster pipeline refuses EVALSHA; each write is single-slot, so sending them concurrently
+        # keeps one round trip per node. Per-write errors are returned like the pipeline's, so a write that
+        # failed on one node is retried alone with its (writer, seq) while the others count as written.
+        async def one(write: CountWrite) -> Any:
+            keys, args = self._keys_and_args(write)
+            return await self._count(keys=keys, args=args)
+
+        try:
+            # Learn the slot map before writing concurrently: racing first commands can trip the client.
+            await self.redis.initialize()
+        except (RedisError, OSError) as exc:
+            raise StorageError(f"count write failed: {exc}") from exc
+        results = await asyncio.gather(*(one(w) for w in writes), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and len(errors) == len(results):
+            raise StorageError(f"count write failed: {errors[0]}") from errors[0]
         return [r if isinstance(r, BaseException) else True for r in results]
 
     async def pending(self, shard: int | None = None) -> dict[str, int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from metered_middleware._errors import StorageError
@@ -69,6 +70,9 @@ class KeyRegistry:
         self.layout = Layout(namespace)
         self.pepper = pepper
         self.key_prefix = key_prefix
+        # Registry keys are not hash-tagged (they are found by key hash), so on a cluster they span slots
+        # and a MULTI across them is refused; there the writes go as a plain pipeline, each idempotent.
+        self._atomic = not isinstance(redis, RedisCluster)
 
     async def resolve(self, key: str) -> BillingTarget | None:
         """The target of a key, or None when the registry does not know it (revoked keys are returned)."""
@@ -107,7 +111,7 @@ class KeyRegistry:
         if label:
             fields["label"] = label
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=self._atomic) as pipe:
                 pipe.hset(self.layout.key(key_hash), mapping=fields)
                 pipe.hset(self.layout.key_ids(), key_id, key_hash)
                 pipe.sadd(self.layout.customer_keys(target.customer), key_hash)
@@ -206,7 +210,7 @@ class KeyRegistry:
             return 0
         try:
             hashes = await self.redis.smembers(self.layout.subscription_keys(subscription))
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=self._atomic) as pipe:
                 for key_hash in hashes:
                     pipe.hset(self.layout.key(_text(key_hash)), mapping=fields)
                 await pipe.execute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class World:
     redis: aioredis.Redis
     redis_url: str
     shards: int = 2
+    namespace: str = "mm"
     client: stripe.StripeClient = field(init=False)
     price: str = field(init=False)
     meter: str = field(init=False)
@@ -60,10 +62,26 @@ class World:
     _seq: int = 0
 
     def __post_init__(self) -> None:
+        self.setup_stripe()
+
+    def fork(self, namespace: str) -> World:
+        """Another namespace (its own shards, leases, batches) on the same Stripe objects."""
+        other = object.__new__(World)
+        other.__dict__.update(self.__dict__)
+        other.namespace, other.counted, other.targets, other._seq = namespace, {}, {}, 0
+        return other
+
+    def setup_stripe(self) -> None:
+        """A meter and a metered price (legacy usage-based for usage records)."""
         legacy = self.sink == "usage_records"
         self.client = self.emu.client(stripe_version=LEGACY) if legacy else self.emu.client()
-        meter = self.client.v1.billing.meters.create(
-            {"display_name": "API", "event_name": EVENT, "default_aggregation": {"formula": "sum"}}
+        existing = [m for m in self.client.v1.billing.meters.list().data if m.event_name == EVENT]
+        meter = (
+            existing[0]
+            if existing
+            else self.client.v1.billing.meters.create(
+                {"display_name": "API", "event_name": EVENT, "default_aggregation": {"formula": "sum"}}
+            )
         )
         self.meter = meter.id
         recurring: dict[str, Any] = {"interval": "month", "usage_type": "metered"}
@@ -76,7 +94,7 @@ class World:
 
     @property
     def layout(self) -> Layout:
-        return Layout("mm", self.shards)
+        return Layout(self.namespace, self.shards)
 
     def settings(self, **overrides: Any) -> DeliverySettings:
         """Flusher settings pointed at this emulator and Redis, tuned for fast tests."""
@@ -84,6 +102,7 @@ class World:
             "stripe_api_key": "sk_test_emulator",
             "redis_url": self.redis_url,
             "shards": self.shards,
+            "namespace": self.namespace,
             "sink": self.sink,
             "meter_event_name": EVENT,
             "api_base": self.emu.url,
@@ -105,6 +124,7 @@ class World:
             "STRIPE_API_KEY": "sk_test_emulator",
             "METERED_REDIS_URL": self.redis_url,
             "METERED_SHARDS": str(self.shards),
+            "METERED_NAMESPACE": self.namespace,
             "METERED_SINK": self.sink,
             "METERED_METER_EVENT_NAME": EVENT,
             "METERED_STRIPE_API_BASE": self.emu.url,
@@ -179,6 +199,22 @@ class World:
             if all_delivered:
                 assert row["stripe"] == row["counted"], (tid, row)
         assert self.emu.idempotency_conflicts == 0
+        self.assert_identical_resends()
+
+    def assert_identical_resends(self) -> None:
+        """Invariant 3: every request sharing a key / identifier carried identical parameters."""
+        seen: dict[str, str] = {}
+        for record in self.emu.requests():
+            if not record.params:  # refused before its body was read (an injected 429/5xx)
+                continue
+            if record.operation == "meter_event_stream.create":
+                sent = [(e["identifier"], json.dumps(e, sort_keys=True)) for e in record.params["events"]]
+            elif record.operation in ("usage_records.create", "meter_events.create"):
+                sent = [(record.idempotency_key or "", json.dumps(record.params, sort_keys=True))]
+            else:
+                continue
+            for key, params in sent:
+                assert seen.setdefault(key, params) == params, key
 
 
 @pytest.fixture(params=SINKS)
@@ -194,3 +230,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/flusher/" in item.nodeid:
             item.add_marker(pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"))
+
+
+@pytest.fixture
+def world_all(emulator: StripeEmulator, redis_client: aioredis.Redis, redis_url: str) -> list[World]:
+    """One billing world per sink, side by side on the same emulator."""
+    return [World(emulator, sink, redis_client, redis_url) for sink in SINKS]

@@ -33,6 +33,10 @@ class Layout:
         """Hash: target id -> units counted and not yet claimed by a flusher."""
         return f"{self.tag(shard)}:pending"
 
+    def pending_since(self, shard: int) -> str:
+        """String: Redis time (ms) when units last arrived in an empty pending hash: its oldest units' age."""
+        return f"{self.tag(shard)}:pending_since"
+
     def targets(self, shard: int) -> str:
         """Hash: target id -> JSON of the latest period bounds, subscription and test clock seen for it."""
         return f"{self.tag(shard)}:targets"

@@ -69,7 +69,12 @@ class CountStore:
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
         layout = self.layout
         shard = write.shard
-        keys: list[str] = [layout.pending(shard), layout.targets(shard), layout.writers(shard)]
+        keys: list[str] = [
+            layout.pending(shard),
+            layout.targets(shard),
+            layout.writers(shard),
+            layout.pending_since(shard),
+        ]
         usage_index: dict[int, int] = {}
         args: list[Any] = [write.writer, write.seq, self.usage_retention]
         for target, units in write.lines:

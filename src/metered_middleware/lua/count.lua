@@ -1,5 +1,6 @@
 -- Apply one coalesced count write for a shard, exactly once per (writer, seq).
--- KEYS[1] pending hash, KEYS[2] targets hash, KEYS[3] writers hash, KEYS[4..] per-period usage hashes
+-- KEYS[1] pending hash, KEYS[2] targets hash, KEYS[3] writers hash, KEYS[4] pending-since time,
+-- KEYS[5..] per-period usage hashes
 -- ARGV[1] writer id, ARGV[2] seq (a retried write repeats it), ARGV[3] usage retention after period end (s),
 -- then five values a line: target id, units, usage key index (0: no period), period end, target metadata JSON.
 -- Returns 1 when applied, 0 when this (writer, seq) had been applied already.
@@ -9,6 +10,11 @@ if last and seq <= last then
   return 0
 end
 redis.call('HSET', KEYS[3], ARGV[1], seq)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- The first units into an empty pending hash start its age clock (the oldest-pending-age metric).
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 local retention = tonumber(ARGV[3])
 local i = 4
 while i + 4 <= #ARGV do

@@ -1,0 +1,122 @@
+"""The app the benchmark serves: a small font-API-like JSON service, bare or with the full metering stack.
+
+``create_bare`` and ``create_metered`` are uvicorn factories (``--factory benchmarks.app:create_metered``).
+Both serve the same routes and the same bytes; the metered one adds ``MeteringMiddleware`` (Redis key registry
+behind the in-process resolver cache, coalesced counting) and runs the flusher in its lifespan, billing the
+counts through the Stripe emulator. ``benchmarks/run.py`` sets these variables for the server processes:
+
+- ``MM_BENCH_REDIS_URL``: the Redis the middleware and the flusher use (required for the metered app);
+- ``MM_BENCH_STRIPE_URL``: the emulator's base URL (required for the metered app);
+- ``MM_BENCH_SINK`` (``meter_events``), ``MM_BENCH_STRIPE_RATE`` (``auto``: Stripe's test budget, 20/s),
+  ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from metered_middleware import MeteringMiddleware
+from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._flusher import Flusher
+
+__all__ = ["FAMILIES", "METER_EVENT_NAME", "create_bare", "create_metered"]
+
+METER_EVENT_NAME: Final = "font_api_requests"
+# A handful of families with the metadata a font API answers with; the responses are a few hundred bytes.
+FAMILIES: Final[dict[str, dict[str, Any]]] = {
+    slug: {
+        "family": name,
+        "slug": slug,
+        "category": category,
+        "variants": ["regular", "italic", "700", "700italic"],
+        "subsets": ["latin", "latin-ext", "cyrillic"],
+        "version": "v3.019",
+        "files": {f: f"https://fonts.example.com/{slug}/{slug}-regular.{f}" for f in ("woff2", "ttf")},
+    }
+    for slug, name, category in (
+        ("inter", "Inter", "sans-serif"),
+        ("roboto-slab", "Roboto Slab", "serif"),
+        ("jetbrains-mono", "JetBrains Mono", "monospace"),
+        ("lora", "Lora", "serif"),
+        ("work-sans", "Work Sans", "sans-serif"),
+    )
+}
+_LISTING: Final = {"data": [{"slug": f["slug"], "family": f["family"]} for f in FAMILIES.values()]}
+
+
+async def list_fonts(request: Request) -> JSONResponse:
+    """GET /v1/fonts: the catalogue."""
+    return JSONResponse(_LISTING)
+
+
+async def get_font(request: Request) -> JSONResponse:
+    """GET /v1/fonts/{slug}: one family's metadata, or a 404."""
+    family = FAMILIES.get(request.path_params["slug"])
+    if family is None:
+        return JSONResponse({"error": {"code": "font_not_found"}}, 404)
+    return JSONResponse(family)
+
+
+async def health(request: Request) -> JSONResponse:
+    """GET /health: unmetered (the middleware's default exclusions), used to wait for the server."""
+    return JSONResponse({"ok": True})
+
+
+ROUTES: Final = [
+    Route("/health", health),
+    Route("/v1/fonts", list_fonts),
+    Route("/v1/fonts/{slug}", get_font),
+]
+
+
+def create_bare() -> Starlette:
+    """The app alone."""
+    return Starlette(routes=ROUTES)
+
+
+def delivery_settings(environ: Mapping[str, str]) -> DeliverySettings:
+    """The in-app flusher's settings, pointed at the emulator."""
+    stripe_url = environ["MM_BENCH_STRIPE_URL"]
+    rate = environ.get("MM_BENCH_STRIPE_RATE", "auto")
+    return DeliverySettings(
+        stripe_api_key="sk_test_benchmark",
+        redis_url=environ["MM_BENCH_REDIS_URL"],
+        api_base=stripe_url,
+        meter_events_base=stripe_url,
+        sink=environ.get("MM_BENCH_SINK", "meter_events"),  # type: ignore[arg-type]  # validated by the class
+        meter_event_name=METER_EVENT_NAME,
+        rate_limit=None if rate == "auto" else float(rate),
+        flush_interval=float(environ.get("MM_BENCH_FLUSH_INTERVAL", "5")),
+        shutdown_grace=2.0,
+    )
+
+
+def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddleware:
+    """The same app behind the full stack: middleware, cached Redis resolver, coalesced counts, flusher."""
+    env = os.environ if environ is None else environ
+    delivery = delivery_settings(env)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with Flusher(delivery) as flusher, anyio.create_task_group() as tg:
+            await tg.start(flusher.run)
+            try:
+                yield
+            finally:
+                flusher.stop()
+
+    return MeteringMiddleware(
+        Starlette(routes=ROUTES, lifespan=lifespan),
+        environ={},
+        redis_url=env["MM_BENCH_REDIS_URL"],
+        coalesce_window=float(env.get("MM_BENCH_COALESCE_WINDOW", "0.05")),
+    )

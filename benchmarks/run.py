@@ -1,0 +1,549 @@
+"""What metering costs: the same app bare and metered, alternated in one run, compared as medians.
+
+    python benchmarks/run.py                      # 32 connections, 1,000 keys, 3 rounds of 10 s
+    python benchmarks/run.py --connections 128
+    python benchmarks/run.py --quick              # a few seconds, to check that it works
+
+Each round serves the bare app, then the metered one, as separate uvicorn processes (uvloop, httptools, one
+worker, no access log) pinned to core 0; wrk runs on core 1 with Redis and the Stripe emulator. Each server
+is warmed up (the metered one fills its key cache) before a measured wrk run. Printed: requests/s, p50 and
+p99 per variant and the metered/bare ratios (medians over rounds), Redis commands per request from
+``INFO commandstats``, and Redis memory per active (key, period) from ``MEMORY USAGE``. A second part runs
+``benchmarks/flusher.py`` (the flusher alone against the emulator) when it is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import redis
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/run.py` from anywhere: import benchmarks.app
+
+from benchmarks.app import FAMILIES, METER_EVENT_NAME  # noqa: E402
+from metered_middleware import BillingTarget, KeyRegistry  # noqa: E402
+from metered_middleware._counter import Counter  # noqa: E402
+from metered_middleware._layout import Layout  # noqa: E402
+from metered_middleware._redis import connect  # noqa: E402
+from metered_middleware._redis_server import RedisServer, free_port  # noqa: E402
+from metered_middleware._store import CountStore  # noqa: E402
+
+WRK_INSTALL: Final = "apt-get update && apt-get install -y wrk"
+PATHS: Final = (*(f"/v1/fonts/{slug}" for slug in FAMILIES), "/v1/fonts")
+# wrk: rotate keys and paths per request, report percentiles as one JSON line.
+WRK_SCRIPT: Final = """
+local keys = {}
+for line in io.lines("%(keyfile)s") do keys[#keys + 1] = line end
+local paths = {%(paths)s}
+local i = 0
+request = function()
+  i = i + 1
+  local key = keys[(i %% #keys) + 1]
+  return wrk.format("GET", paths[(i %% #paths) + 1], {["Authorization"] = "Bearer " .. key})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "MMJSON {\\"requests\\":%%d,\\"duration_us\\":%%d,\\"p50_us\\":%%d,\\"p99_us\\":%%d,\\"non2xx\\":%%d,"
+    .. "\\"socket_errors\\":%%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+@dataclass(slots=True)
+class Load:
+    """One measured load run."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+
+    @property
+    def rps(self) -> float:
+        """Requests per second."""
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass(slots=True)
+class Sample:
+    """One variant in one round: the load and what Redis saw meanwhile."""
+
+    variant: str
+    round: int
+    load: Load
+    commands: dict[str, int] = field(default_factory=dict)
+
+
+# -- the environment --------------------------------------------------------------------------------
+
+
+def pin(cpus: str) -> list[str]:
+    """A ``taskset`` prefix when pinning is possible on this machine."""
+    if shutil.which("taskset") is None or not cpus:
+        return []
+    if not {int(c) for c in cpus.split(",")} <= set(range(os.cpu_count() or 1)):
+        return []
+    return ["taskset", "-c", cpus]
+
+
+def other_cpus(app_cpus: str) -> str:
+    """The cores left for wrk, Redis and the emulator (all of them when the machine has one)."""
+    count = os.cpu_count() or 1
+    taken = {int(c) for c in app_cpus.split(",") if c}
+    rest = [str(c) for c in range(count) if c not in taken]
+    return ",".join(rest) if rest else ""
+
+
+@contextlib.contextmanager
+def server(
+    factory: str, port: int, env: dict[str, str], *, workers: int, cpus: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A uvicorn process serving ``benchmarks.app:<factory>``, stopped (SIGTERM, then SIGKILL) on exit."""
+    command = [
+        *pin(cpus),
+        sys.executable,
+        "-m",
+        "uvicorn",
+        f"benchmarks.app:{factory}",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{factory} exited with {proc.returncode} before serving")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{factory} did not answer within 30 s")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# -- load generators --------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, script: Path, *, connections: int, seconds: float, cpus: str) -> Load:
+    """One wrk run (one thread) against ``url``; percentiles come from the script's ``done`` hook."""
+    command = [
+        *pin(cpus),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("MMJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no summary:\n{out}")
+    data = json.loads(line[7:])
+    return Load(
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        non2xx=data["non2xx"],
+        socket_errors=data["socket_errors"],
+    )
+
+
+async def _httpx_load(url: str, keys: Sequence[str], connections: int, seconds: float) -> Load:
+    latencies: list[float] = []
+    non2xx = errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=5) as client:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker(offset: int) -> None:
+            nonlocal non2xx, errors
+            i = offset
+            while time.perf_counter() < deadline:
+                i += connections
+                began = time.perf_counter()
+                try:
+                    response = await client.get(
+                        PATHS[i % len(PATHS)], headers={"Authorization": f"Bearer {keys[i % len(keys)]}"}
+                    )
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - began)
+                non2xx += not 200 <= response.status_code < 400
+
+        await asyncio.gather(*(worker(n) for n in range(connections)))
+        elapsed = time.perf_counter() - start
+    ordered = sorted(latencies) or [0.0]
+    return Load(
+        requests=len(latencies),
+        seconds=elapsed,
+        p50_ms=ordered[len(ordered) // 2] * 1000,
+        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        non2xx=non2xx,
+        socket_errors=errors,
+    )
+
+
+def run_httpx(url: str, keys: Sequence[str], *, connections: int, seconds: float) -> Load:
+    """The fallback load generator (no wrk): far slower than the server, so only a smoke test."""
+    return asyncio.run(_httpx_load(url, keys, connections, seconds))
+
+
+# -- fixtures: customers, a meter and keys -----------------------------------------------------------
+
+
+def make_targets(stripe_client: Any, count: int) -> list[BillingTarget]:
+    """A meter and ``count`` customers in the emulator, one billing target each, in a 30-day period."""
+    stripe_client.v1.billing.meters.create(
+        {
+            "display_name": "Font API requests",
+            "event_name": METER_EVENT_NAME,
+            "default_aggregation": {"formula": "sum"},
+        }
+    )
+    now = int(time.time())
+    start, end = now - 86_400, now + 29 * 86_400
+    targets = []
+    for n in range(count):
+        customer = stripe_client.v1.customers.create({"email": f"bench{n}@example.com"})
+        targets.append(
+            BillingTarget(
+                customer=customer.id,
+                meter_event_name=METER_EVENT_NAME,
+                status="active",
+                period_start=start,
+                period_end=end,
+                plan="bench",
+            )
+        )
+    return targets
+
+
+async def issue_keys(redis_url: str, targets: Sequence[BillingTarget]) -> list[str]:
+    """One API key per target in the Redis key registry."""
+    client = connect(redis_url)
+    try:
+        registry = KeyRegistry(client)
+        return [(await registry.create(target)).key for target in targets]
+    finally:
+        await client.aclose()
+
+
+# -- Redis figures ----------------------------------------------------------------------------------
+
+
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    """Calls per command so far (commands scripts run are counted too, under their own names)."""
+    stats = client.info("commandstats")
+    counts: dict[str, int] = {}
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            counts[name.removeprefix("cmdstat_")] = int(value["calls"])
+    return counts
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per-command calls between two snapshots (the INFO call itself excluded)."""
+    out = {name: calls - before.get(name, 0) for name, calls in after.items()}
+    out["info"] = max(0, out.get("info", 0) - 1)
+    return {name: calls for name, calls in out.items() if calls > 0}
+
+
+async def memory_per_target(redis_url: str, targets: Sequence[BillingTarget]) -> dict[str, float]:
+    """Bytes per active (key, period) of the counting state, written the way the middleware writes it.
+
+    One coalesced flush of every target, nothing claimed yet (the worst moment: every target pending), in
+    a namespace of its own; ``MEMORY USAGE ... SAMPLES 0`` of each hash, divided by the number of targets.
+    """
+    client = connect(redis_url)
+    layout = Layout("mmmem", 4)
+    try:
+        counter = Counter(CountStore(client, layout), layout, window=0)
+        for target in targets:
+            counter.add(target, 1)
+        await counter.flush()
+        sizes: dict[str, int] = {}
+        async for raw in client.scan_iter(match="mmmem:*", count=1000):
+            name = raw.decode()
+            kind = name.rsplit("}:", 1)[-1].split(":", 1)[0]
+            sizes[kind] = sizes.get(kind, 0) + int(await client.memory_usage(name, samples=0) or 0)
+        await client.delete(*[k async for k in client.scan_iter(match="mmmem:*", count=1000)])
+        await counter.aclose()
+    finally:
+        await client.aclose()
+    n = len(targets)
+    per = {kind: size / n for kind, size in sorted(sizes.items())}
+    per["counting (pending + usage)"] = per.get("pending", 0.0) + per.get("usage", 0.0)
+    per["all counting state"] = sum(size for size in sizes.values()) / n
+    return per
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, 0 for nothing."""
+    return statistics.median(values) if values else 0.0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--keys", type=int, default=1000, help="API keys, rotated per request (1000)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each run (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="bare/metered pairs, at least 3 (default 3)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (default 1)")
+    parser.add_argument("--app-cpus", default="0", help="cores for the servers (taskset -c, default 0)")
+    parser.add_argument("--sink", default="meter_events", help="the in-app flusher's sink (meter_events)")
+    parser.add_argument("--stripe-rate", default="auto", help="in-app flusher's Stripe rate limit (auto)")
+    parser.add_argument("--flush-interval", type=float, default=5.0, help="in-app flusher's interval (5 s)")
+    parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
+    parser.add_argument(
+        "--load-generator",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="wrk when installed (auto), or the built-in httpx generator (only with --quick)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every sample and the summary here")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 2 keys, 1 s, 1 round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.keys, args.duration, args.warmup, args.rounds = min(args.keys, 20), 1.0, 0.5, 1
+        args.connections = min(args.connections, 8)
+        args.no_flusher_part = True
+    elif args.rounds < 3:
+        parser.error("--rounds must be at least 3 (medians of fewer are not worth printing)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the tables; returns the exit status."""
+    args = parse_args(argv)
+    have_wrk = shutil.which("wrk") is not None and args.load_generator != "httpx"
+    if not have_wrk:
+        if args.load_generator != "httpx":
+            print(f"wrk is not installed; install it with: {WRK_INSTALL}", file=sys.stderr)
+        if not args.quick:
+            if args.load_generator == "httpx":
+                print(
+                    "the httpx generator is only for --quick: it is slower than the server", file=sys.stderr
+                )
+            return 2
+        print("--quick: using the built-in httpx load generator (figures are not comparable)")
+    app_cpus = args.app_cpus
+    load_cpus = other_cpus(app_cpus)
+    # Redis, the emulator and this process (so wrk too) stay off the servers' core.
+    if load_cpus and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+
+    from metered_middleware.testing.emulator import StripeEmulator
+
+    redis_server = RedisServer().start()
+    emulator = StripeEmulator(rate_limit=None).start()
+    workdir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
+    try:
+        print(f"setting up {args.keys} customers and keys ...", flush=True)
+        targets = make_targets(emulator.client(), args.keys)
+        keys = asyncio.run(issue_keys(redis_server.url, targets))
+        keyfile = workdir / "keys.txt"
+        keyfile.write_text("\n".join(keys) + "\n")
+        script = workdir / "rotate.lua"
+        paths = ", ".join(f'"{p}"' for p in PATHS)
+        script.write_text(WRK_SCRIPT % {"keyfile": keyfile, "paths": paths})
+        env = {
+            "MM_BENCH_REDIS_URL": redis_server.url,
+            "MM_BENCH_STRIPE_URL": emulator.url,
+            "MM_BENCH_SINK": args.sink,
+            "MM_BENCH_STRIPE_RATE": args.stripe_rate,
+            "MM_BENCH_FLUSH_INTERVAL": str(args.flush_interval),
+        }
+        stats = redis.Redis.from_url(redis_server.url)
+
+        def drive(url: str, seconds: float) -> Load:
+            if have_wrk:
+                return run_wrk(url, script, connections=args.connections, seconds=seconds, cpus=load_cpus)
+            return run_httpx(url, keys, connections=args.connections, seconds=seconds)
+
+        samples: list[Sample] = []
+        for n in range(1, args.rounds + 1):
+            for variant in ("bare", "metered"):
+                port = free_port()
+                factory = "create_bare" if variant == "bare" else "create_metered"
+                with server(factory, port, env, workers=args.workers, cpus=app_cpus):
+                    url = f"http://127.0.0.1:{port}"
+                    drive(url, args.warmup)
+                    before = command_counts(stats)
+                    load = drive(url, args.duration)
+                    commands = delta(before, command_counts(stats))
+                samples.append(Sample(variant, n, load, commands))
+                print(
+                    f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
+                    f"p99 {load.p99_ms:6.2f} ms  non-2xx {load.non2xx}  socket errors {load.socket_errors}",
+                    flush=True,
+                )
+        memory = asyncio.run(memory_per_target(redis_server.url, targets))
+        stats.close()
+        summary = summarize(samples, memory, args)
+        print_summary(summary)
+        if args.json:
+            args.json.write_text(
+                json.dumps({"summary": summary, "samples": [_sample_dict(s) for s in samples]}, indent=2)
+            )
+        status = 0 if all(s.load.non2xx == 0 for s in samples) else 1
+        if status:
+            print("some responses were not 2xx: the figures do not measure what they claim", file=sys.stderr)
+        if not args.no_flusher_part:
+            status = max(status, flusher_part(redis_server.url, emulator.url))
+        return status
+    finally:
+        emulator.stop()
+        redis_server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _sample_dict(sample: Sample) -> dict[str, Any]:
+    load = sample.load
+    return {
+        "variant": sample.variant,
+        "round": sample.round,
+        "rps": load.rps,
+        "p50_ms": load.p50_ms,
+        "p99_ms": load.p99_ms,
+        "requests": load.requests,
+        "non2xx": load.non2xx,
+        "socket_errors": load.socket_errors,
+        "commands": sample.commands,
+    }
+
+
+def summarize(
+    samples: Sequence[Sample], memory: dict[str, float], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Medians per variant, metered/bare ratios, Redis work per request and memory per key and period."""
+    out: dict[str, Any] = {
+        "connections": args.connections,
+        "keys": args.keys,
+        "duration": args.duration,
+        "rounds": args.rounds,
+        "workers": args.workers,
+    }
+    for variant in ("bare", "metered"):
+        mine = [s.load for s in samples if s.variant == variant]
+        out[variant] = {
+            "rps": median([x.rps for x in mine]),
+            "p50_ms": median([x.p50_ms for x in mine]),
+            "p99_ms": median([x.p99_ms for x in mine]),
+        }
+    bare, metered = out["bare"], out["metered"]
+    out["ratio"] = {
+        key: metered[key] / bare[key] if bare[key] else 0.0 for key in ("rps", "p50_ms", "p99_ms")
+    }
+    metered_samples = [s for s in samples if s.variant == "metered"]
+    requests = sum(s.load.requests for s in metered_samples) or 1
+    totals: dict[str, int] = {}
+    for s in metered_samples:
+        for name, calls in s.commands.items():
+            totals[name] = totals.get(name, 0) + calls
+    out["redis_per_request"] = {
+        "commands": sum(totals.values()) / requests,
+        # A script call carries a whole shard's window of counts; the pipeline sends the shards together.
+        "count_scripts": (totals.get("evalsha", 0) + totals.get("eval", 0)) / requests,
+        "key_lookups": totals.get("hgetall", 0) / requests,
+        "by_command": {name: calls / requests for name, calls in sorted(totals.items())},
+    }
+    out["memory_bytes_per_key_period"] = memory
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The results table, in the README's shape."""
+    bare, metered, ratio = summary["bare"], summary["metered"], summary["ratio"]
+    print()
+    print(
+        f"{summary['connections']} connections, {summary['keys']} keys, {summary['rounds']} rounds of "
+        f"{summary['duration']:g} s, {summary['workers']} worker(s); medians"
+    )
+    print("| | requests/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|")
+    print(f"| bare | {bare['rps']:.0f} | {bare['p50_ms']:.2f} | {bare['p99_ms']:.2f} |")
+    print(f"| metered | {metered['rps']:.0f} | {metered['p50_ms']:.2f} | {metered['p99_ms']:.2f} |")
+    print(f"| metered / bare | {ratio['rps']:.3f} | {ratio['p50_ms']:.2f} | {ratio['p99_ms']:.2f} |")
+    per = summary["redis_per_request"]
+    print()
+    print(
+        f"Redis per metered request: {per['commands']:.4f} commands (script internals included), "
+        f"{per['count_scripts']:.5f} count scripts, {per['key_lookups']:.5f} key lookups"
+    )
+    print("  " + ", ".join(f"{name} {value:.5f}" for name, value in per["by_command"].items()))
+    memory = summary["memory_bytes_per_key_period"]
+    print("Redis bytes per active (key, period): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+
+
+def flusher_part(redis_url: str, stripe_url: str) -> int:
+    """The flusher alone, by its owner's script, when it exists; its exit status."""
+    script = ROOT / "benchmarks" / "flusher.py"
+    if not script.exists():
+        print("\nflusher part skipped: benchmarks/flusher.py is not there yet")
+        return 0
+    print("\nflusher alone (benchmarks/flusher.py):", flush=True)
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The benchmark script keeps working: a tiny run each way (it asserts no timing, only that it measures)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _quick(tmp_path: Path, *extra: str) -> dict[str, object]:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| metered / bare |" in proc.stdout
+    result: dict[str, object] = json.loads(out.read_text())
+    return result
+
+
+def _check(result: dict[str, object]) -> None:
+    summary = result["summary"]
+    assert isinstance(summary, dict)
+    for variant in ("bare", "metered"):
+        assert summary[variant]["rps"] > 0
+    per = summary["redis_per_request"]
+    assert per["key_lookups"] == 0, "warmed-up key cache: no Redis lookups to resolve keys"
+    assert summary["memory_bytes_per_key_period"]["usage"] > 0
+
+
+@pytest.mark.parametrize("generator", ["auto", "httpx"])
+def test_quick_run_measures_both_apps_and_redis(tmp_path: Path, generator: str) -> None:
+    """A --quick run serves the bare and the metered app, all 2xx, and reports Redis work and memory."""
+    if generator == "auto" and shutil.which("wrk") is None:
+        generator = "httpx"  # the script says how to install wrk and falls back; both paths still run
+    _check(_quick(tmp_path, "--load-generator", generator))

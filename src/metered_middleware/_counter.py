@@ -28,6 +28,7 @@ class CounterStats:
     """Running totals of what the counter has seen, for metrics and tests."""
 
     counted_units: int = 0
+    counted_requests: int = 0
     written_units: int = 0
     overflow_units: int = 0
     writes: int = 0
@@ -71,7 +72,9 @@ class Counter:
     # -- the request path: synchronous, no I/O --------------------------------------------------------------
     def add(self, target: BillingTarget, units: int) -> int:
         """Count ``units`` for the target; returns the generation a ``commit()`` would wait for."""
-        self.stats.counted_units += units
+        stats = self.stats
+        stats.counted_units += units
+        stats.counted_requests += 1
         entry = self._buffer.get(target.target_id)
         if entry is not None:
             entry[0] = entry[0] + units  # type: ignore[operator]

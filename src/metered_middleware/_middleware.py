@@ -92,6 +92,8 @@ class MeteringMiddleware:
             resolver, ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl
         )
         self.rejections = Rejections(settings.retry_after)
+        # Refusals per error code, plain ints read by the metrics collector (no metrics library on this path).
+        self.rejected: dict[str, int] = {}
         # Everything the request path consults is derived here, once.
         self._header_names = frozenset(h.encode("latin-1") for h in settings.key_headers)
         self._excluded = _glob_regex(settings.exclude_paths)
@@ -175,6 +177,7 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(admitted, str):
+            self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
             await self.rejections.http(send, admitted)
             return
         target = admitted
@@ -204,6 +207,7 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(admitted, str):
+            self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
             message = await receive()
             if message["type"] == "websocket.connect":
                 await send({"type": "websocket.close", "code": _WS_POLICY, "reason": admitted})

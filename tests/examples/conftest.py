@@ -117,7 +117,7 @@ async def serving(app: Typographic) -> AsyncIterator[str]:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: server.serve(sockets=[sock]))
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn only exposes a flag
                 await anyio.sleep(0.01)
             try:
                 yield f"http://127.0.0.1:{port}"

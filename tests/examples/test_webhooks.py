@@ -54,7 +54,7 @@ async def _post(app: Typographic, payload: bytes, signature: str | None) -> http
         return await http.post("/stripe/webhook", content=payload, headers=headers)
 
 
-async def _snapshot(world: World) -> dict[bytes, Any]:
+async def _snapshot(world: World) -> dict[Any, Any]:
     return {key: await world.redis.dump(key) for key in await world.redis.keys("*")}
 
 

@@ -47,6 +47,7 @@ def subscribe(
     event_name: str = "api_requests",
     test_clock: str | None = None,
     extra_licensed: bool = False,
+    tiers_mode: str = "graduated",
 ) -> Metered:
     """A customer on a metered price (meter-backed, or legacy usage records when `legacy`)."""
     options: Any = {"stripe_version": LEGACY} if legacy else {}
@@ -63,7 +64,7 @@ def subscribe(
         "product_data": {"name": "Standard"},
         "recurring": recurring,
         "billing_scheme": "tiered",
-        "tiers_mode": "graduated",
+        "tiers_mode": tiers_mode,
         "tiers": tiers or STANDARD_TIERS,
     }
     price = client.v1.prices.create(price_params, options)

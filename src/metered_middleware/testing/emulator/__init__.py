@@ -12,7 +12,7 @@ with StripeEmulator(rate_limit=None) as emu:
 from ._app import EmulatorApp
 from ._errors import EmulatorError
 from ._faults import FAULT_KINDS
-from ._server import DEFAULT_RATE_LIMIT, StripeEmulator
+from ._server import DEFAULT_RATE_LIMIT, EmulatorHTTPXClient, StripeEmulator
 from ._state import MeterEvent, RequestRecord
 from ._webhooks import Delivery, sign
 
@@ -22,6 +22,7 @@ __all__ = [
     "Delivery",
     "EmulatorApp",
     "EmulatorError",
+    "EmulatorHTTPXClient",
     "MeterEvent",
     "RequestRecord",
     "StripeEmulator",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import TracebackType
 from typing import Any
@@ -53,7 +53,7 @@ class StripeEmulator:
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self._clients: list[_EmulatorHTTPXClient] = []
+        self._clients: list[EmulatorHTTPXClient] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -95,9 +95,14 @@ class StripeEmulator:
             time.sleep(0.005)
         return self
 
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (what the CLI does)."""
+    def serve_forever(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Serve in the calling thread until interrupted (what the CLI does).
+
+        `on_ready` gets the base URL once the port is bound, before requests are served.
+        """
         sock = self._bind()
+        if on_ready is not None:
+            on_ready(self.url)
         self._server = self._make_server()
         try:
             self._server.run(sockets=[sock])
@@ -154,7 +159,7 @@ class StripeEmulator:
         """
         http_client = kwargs.pop("http_client", None)
         if http_client is None:
-            http_client = _EmulatorHTTPXClient(timeout=timeout)
+            http_client = EmulatorHTTPXClient(timeout=timeout)
             self._clients.append(http_client)
         kwargs.setdefault("max_network_retries", 0)
         return stripe.StripeClient(
@@ -328,10 +333,14 @@ class StripeEmulator:
             ]
 
 
-class _EmulatorHTTPXClient(stripe.HTTPXClient):
-    """Sync requests keep a pooled connection; async ones never outlive their request."""
+class EmulatorHTTPXClient(stripe.HTTPXClient):
+    """`stripe.HTTPXClient` for sync and async use that is quiet under warnings-as-errors.
 
-    def __init__(self, timeout: float) -> None:
+    Sync requests keep a pooled connection (close it with `close()`); async requests use a fresh
+    connection each, so no socket outlives the event loop of an async test.
+    """
+
+    def __init__(self, timeout: float = 30.0) -> None:
         import httpx
 
         super().__init__(timeout=timeout, allow_sync_methods=True)

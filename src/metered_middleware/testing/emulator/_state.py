@@ -18,14 +18,13 @@ DEFAULT_API_VERSION = "2025-02-24.acacia"
 BASIL = "2025-03-31"
 #: Stripe keeps idempotency keys and meter event identifiers for about a day.
 DEDUP_HORIZON = 24 * 3600
-_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 Obj = dict[str, Any]
 
 
 def new_id(prefix: str) -> str:
     """A Stripe-looking id (`cus_...`), random so ids never repeat across resets."""
-    return prefix + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 def is_legacy_version(version: str | None) -> bool:

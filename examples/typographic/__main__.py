@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -48,10 +48,10 @@ class Backends:
     emulator: Any = None  # a StripeEmulator when running on the local emulator
 
 
-@contextlib.contextmanager
-def backends(env: Mapping[str, str], port: int) -> Iterator[Backends]:
+@contextlib.asynccontextmanager
+async def backends(env: Mapping[str, str], port: int) -> AsyncIterator[Backends]:
     """Start the embedded Redis and the Stripe emulator when the environment names none; stop them after."""
-    with contextlib.ExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         redis_url = env.get("METERED_REDIS_URL") or env.get("REDIS_URL")
         label = redis_url or ""
         if not redis_url:
@@ -67,7 +67,7 @@ def backends(env: Mapping[str, str], port: int) -> Iterator[Backends]:
                     "STRIPE_WEBHOOK_SECRET", secret, "the whsec_... secret of your webhook endpoint"
                 )
             http = stripe.HTTPXClient()
-            stack.callback(http.close)
+            stack.push_async_callback(http.close_async)
             api_base = env.get("METERED_STRIPE_API_BASE") or None
             client = stripe.StripeClient(
                 api_key, http_client=http, base_addresses={"api": api_base} if api_base else {}
@@ -158,7 +158,7 @@ def print_demo(out: TextIO, base: str, found: Backends, keys: Sequence[tuple[str
 
 async def serve(env: Mapping[str, str], host: str, port: int, out: TextIO) -> None:
     """Run the app under uvicorn until interrupted."""
-    with backends(env, port) as found:
+    async with backends(env, port) as found:
         delivery = delivery_settings(env, found)
         legacy = delivery.sink == "usage_records"
         setup = await setup_stripe(found.stripe_client, legacy=legacy)

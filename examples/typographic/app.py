@@ -11,6 +11,7 @@ import html
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
+from urllib.parse import parse_qs
 
 import anyio
 import redis.asyncio as aioredis
@@ -169,8 +170,9 @@ class Typographic:
 
     async def checkout(self, request: Request) -> Response:
         """Create a subscription-mode Checkout session for the chosen plan and redirect to it."""
-        form = await request.form()
-        plan = plan_by_key(str(form.get("plan", "")))
+        # The form has one urlencoded field; parsing it here spares the python-multipart dependency.
+        form = parse_qs((await request.body()).decode("latin-1"))
+        plan = plan_by_key(form.get("plan", [""])[0])
         if plan is None or plan.key not in self.prices:
             return _error(400, "plan_unknown", "Choose standard, growth or enterprise.")
         base = str(request.base_url).rstrip("/")

@@ -54,6 +54,10 @@ def add_parsers(subparsers: Any) -> None:
         sub.add_argument("ids", nargs="*", help="ids as shown by 'dead-letter list'")
         sub.add_argument("--all", action="store_true", help="every dead-lettered line")
         sub.add_argument("--reason", help="only lines dead-lettered for this reason (with --all)")
+        if name == "retry":
+            sub.add_argument(
+                "--to-item", help="re-drive onto this subscription item (replacing a deleted one)"
+            )
     dead.set_defaults(func=dead_letter_command)
 
 
@@ -150,7 +154,10 @@ async def _dead_letter(settings: DeliverySettings, args: argparse.Namespace) -> 
             print("error: name the ids to act on, or --all", file=sys.stderr)
             return 2
         try:
-            taken = await (store.redrive(ids) if args.dead_letter_action == "retry" else store.discard(ids))
+            if args.dead_letter_action == "retry":
+                taken = await store.redrive(ids, subscription_item=args.to_item)
+            else:
+                taken = await store.discard(ids)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -299,7 +299,7 @@ class DeliveryStore:
         out.sort(key=lambda d: (d.at_ms, d.id))
         return out
 
-    async def _take_dead(self, mode: str, ids: Iterable[str]) -> list[DeadLetter]:
+    async def _take_dead(self, mode: str, ids: Iterable[str], item: str = "") -> list[DeadLetter]:
         by_shard: dict[int, list[str]] = {}
         for entry_id in ids:
             shard_text, _, rest = entry_id.partition(":")
@@ -313,7 +313,7 @@ class DeliveryStore:
             keys = [self.layout.dead(s), self.layout.pending(s), self.layout.targets(s)]
             result = await self._call(
                 f"dead-letter {mode}",
-                self._dead_take(keys=keys, args=[mode, *rests]),
+                self._dead_take(keys=keys, args=[mode, item, *rests]),
             )
             for raw in result:
                 entry = json.loads(raw)
@@ -322,9 +322,14 @@ class DeliveryStore:
                     taken.append(before[entry_id])
         return taken
 
-    async def redrive(self, ids: Iterable[str]) -> list[DeadLetter]:
-        """Put dead-lettered lines back into pending (a new batch, a new key); the entries moved."""
-        return await self._take_dead("retry", ids)
+    async def redrive(self, ids: Iterable[str], *, subscription_item: str | None = None) -> list[DeadLetter]:
+        """Put dead-lettered lines back into pending (a new batch, a new key); the entries moved.
+
+        ``subscription_item`` re-targets them, e.g. onto the item that replaced a deleted one.
+        """
+        if subscription_item is not None and "|" in subscription_item:
+            raise ValueError(f"not a subscription item: {subscription_item!r}")
+        return await self._take_dead("retry", ids, subscription_item or "")
 
     async def discard(self, ids: Iterable[str]) -> list[DeadLetter]:
         """Remove dead-lettered lines for good (an operator's decision); the entries removed."""

@@ -21,6 +21,10 @@ import anyio
 import redis.asyncio as aioredis
 import stripe
 from anyio.abc import TaskStatus
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metered_middleware._delivery import Batch, BatchLine, DeliveryStore, LeaseLostError, Stamp, line_key
 from metered_middleware._delivery_config import DeliverySettings
@@ -93,7 +97,12 @@ class Flusher:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> Flusher:
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+            # Reconnect through a Redis restart; every delivery script is safe to run twice.
+            self._redis = aioredis.Redis.from_url(
+                self.settings.redis_url,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 5),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            )
             self._owned.append(self._redis.aclose)
         if self._client is None:
             self._client, http = make_stripe_client(self.settings)
@@ -178,17 +187,16 @@ class Flusher:
     # -- one shard ---------------------------------------------------------------------------------
     async def _acquire(self, shard: int, wait: float) -> str | None:
         ttl_ms = int(self.settings.lease_ttl * 1000)
-        with anyio.move_on_after(wait):
-            while True:
-                token = await self.store.acquire_lease(shard, self.owner, ttl_ms, self._tokens.get(shard))
-                if token:
-                    self._tokens[shard] = token
-                    return token
-                self._tokens.pop(shard, None)
-                if wait <= 0:
-                    break
-                await anyio.sleep(min(0.1, self.settings.lease_ttl / 4))
-        return None
+        deadline = anyio.current_time() + wait
+        while True:
+            token = await self.store.acquire_lease(shard, self.owner, ttl_ms, self._tokens.get(shard))
+            if token:
+                self._tokens[shard] = token
+                return token
+            self._tokens.pop(shard, None)
+            if anyio.current_time() >= deadline:
+                return None
+            await anyio.sleep(min(0.1, self.settings.lease_ttl / 4))
 
     async def _flush_shard(self, shard: int, report: FlushReport, wait: float) -> None:
         try:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
 import pytest
+import redis.asyncio as aioredis
 
 from metered_middleware._flusher import Flusher
+from metered_middleware._lifespan import flusher_lifespan
+from metered_middleware._redis_server import RedisServer
+from metered_middleware._target import BillingTarget
 
 from .conftest import World
 
@@ -20,4 +29,171 @@ async def test_counted_usage_reaches_stripe_exactly(world: World) -> None:
         report = await flusher.flush_once()
     assert report.complete
     assert report.delivered == 5
+    await world.assert_exact()
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "commit_then_500", "commit_then_drop"])
+async def test_stripe_storms_delay_delivery_but_totals_stay_exact(world: World, fault: str) -> None:
+    """A stretch of 429s, 5xx, timeouts or lost responses (with added latency) only delays delivery."""
+    targets = [world.subscribe(f"s{i}") for i in range(4)]
+    await world.count([(t, 3 * i + 1) for i, t in enumerate(targets)])
+    world.emu.inject("*", fault, times=6, delay=0.3 if fault == "timeout" else None)
+    world.emu.set_latency("*", 0.01)
+    async with Flusher(world.settings(request_timeout=0.2)) as flusher:
+        report = await flusher.flush_once()
+    assert report.complete, report
+    await world.assert_exact()
+    assert any(r.fault for r in world.emu.requests()), "the storm never reached the flusher"
+
+
+async def test_retries_stop_after_the_budget_and_leave_lines_for_later(world: World) -> None:
+    """When Stripe stays down, the pass gives up with lines left in Redis; the next pass delivers them."""
+    target = world.subscribe("down")
+    await world.count([(target, 9)])
+    world.emu.inject("*", "503", times=100)
+    async with Flusher(world.settings(retry_attempts=3)) as flusher:
+        report = await flusher.flush_once()
+        assert not report.complete
+        assert report.left == 1
+        await world.assert_exact(all_delivered=False)
+        world.emu.clear_faults()
+        assert (await flusher.flush_once()).complete
+    await world.assert_exact()
+
+
+async def test_a_flusher_that_lost_its_lease_cannot_acknowledge(world: World) -> None:
+    """Invariant 4: while the lease is stolen mid-send, the old flusher's acks are refused; the new
+    holder resends the same stamped lines, which Stripe deduplicates, so nothing is billed twice."""
+    targets = [world.subscribe(f"l{i}") for i in range(3)]
+    await world.count([(t, 5) for t in targets])
+    stolen: list[str] = []
+
+    async def steal(at: str) -> None:
+        if at == "sent" and not stolen:
+            for shard in range(world.shards):
+                # The old holder stalled past its TTL and another flusher took over (one atomic SET).
+                fence = await world.redis.incr(world.layout.fence(shard))
+                await world.redis.set(world.layout.lease(shard), f"{fence}:thief", px=60_000)
+                stolen.append(f"{fence}:thief")
+
+    async with Flusher(world.settings(), checkpoint=steal) as old:
+        report = await old.flush_once()
+    assert not report.complete
+    # Stripe recorded the send, yet the line is still waiting: the stale holder's ack was refused.
+    assert any(r["stripe"] and r["waiting"] for r in (await world.ledger()).values())
+    for shard in range(world.shards):
+        await world.redis.delete(world.layout.lease(shard))  # the thief "crashes"; its lease expires
+    async with Flusher(world.settings()) as new:
+        assert (await new.flush_once()).complete
+    await world.assert_exact()
+
+
+@pytest.mark.parametrize("world", ["usage_records", "meter_events"], indirect=True)
+async def test_a_permanent_refusal_is_dead_lettered_and_can_be_redriven_after_a_fix(world: World) -> None:
+    """Invariant 5: a deleted subscription item (usage records) or a deactivated meter (meter events)
+    sends its lines to the dead-letter with Stripe's error; after the fix a re-drive delivers them."""
+    good, bad = world.subscribe("good"), world.subscribe("bad")
+    await world.count([(good, 2), (bad, 7)])
+    item = None
+    if world.sink == "usage_records":
+        assert bad.subscription_item
+        assert bad.subscription
+        # The customer's plan changed: a new item replaced the one the key still points at.
+        price: Any = {"currency": "usd", "unit_amount": 2, "product_data": {"name": "API v2"}}
+        price["recurring"] = {"interval": "month", "usage_type": "metered"}
+        new_price = world.client.v1.prices.create(price)
+        item = world.client.v1.subscription_items.create(
+            {"subscription": bad.subscription, "price": new_price.id}
+        ).id
+        world.client.v1.subscription_items.delete(bad.subscription_item)
+    else:
+        world.client.v1.billing.meters.deactivate(world.meter)
+    async with Flusher(world.settings()) as flusher:
+        report = await flusher.flush_once()
+        assert report.dead >= 1
+        store = flusher.store
+        dead = await store.dead_letters()
+        assert {d.reason for d in dead} == {"refused"}
+        assert all(d.error.get("status") in (400, 404) for d in dead)
+        await world.assert_exact(all_delivered=False)
+        if item is not None:
+            moved = BillingTarget(**{**_fields(bad), "subscription_item": item})
+            world.targets[moved.target_id] = moved
+            world.counted[moved.target_id] = world.counted.pop(bad.target_id)
+        else:
+            world.client.v1.billing.meters.reactivate(world.meter)
+        await store.redrive([d.id for d in dead], subscription_item=item)
+        assert (await flusher.flush_once()).complete
+    await world.assert_exact()
+
+
+def _fields(target: BillingTarget) -> dict[str, Any]:
+    return {
+        f: getattr(target, f)
+        for f in (
+            "customer",
+            "subscription_item",
+            "subscription",
+            "meter_event_name",
+            "period_start",
+            "period_end",
+            "test_clock",
+        )
+    }
+
+
+async def test_redis_restart_mid_flush_with_appendfsync_always_keeps_totals_exact(world: World) -> None:
+    """Redis restarts (appendonly, fsync always) while lines are in flight: the next pass resends the
+    persisted stamps identically and Stripe's totals match the counts."""
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        world.redis_url = server.url
+        world.redis = aioredis.Redis.from_url(server.url)
+        try:
+            targets = [world.subscribe(f"r{i}") for i in range(4)]
+            await world.count([(t, i + 2) for i, t in enumerate(targets)])
+            restarted: list[bool] = []
+
+            async def restart(at: str) -> None:
+                if at == "sent" and not restarted:
+                    restarted.append(True)
+                    await anyio.to_thread.run_sync(server.restart)
+
+            async with Flusher(world.settings(), checkpoint=restart) as flusher:
+                await flusher.flush_once()
+                assert restarted
+                for _ in range(5):  # a pass that met the restart leaves lines; the next ones finish
+                    if (report := await flusher.flush_once()).complete:
+                        break
+            assert report.complete, report
+            await world.redis.aclose()  # its pooled connection died with the old process
+            world.redis = aioredis.Redis.from_url(server.url)
+            await world.assert_exact()
+        finally:
+            await world.redis.aclose()
+
+
+async def test_run_delivers_in_the_background_and_flushes_on_stop(world: World) -> None:
+    """``run()`` loops; counts made while it runs are delivered, and stop() ends with a final flush."""
+    target = world.subscribe("bg")
+    async with Flusher(world.settings(flush_interval=0.05)) as flusher, anyio.create_task_group() as tg:
+        await tg.start(flusher.run)
+        await world.count([(target, 4)])
+        await anyio.sleep(0.2)
+        await world.count([(target, 3)])
+        flusher.stop()
+    await world.assert_exact()
+
+
+async def test_lifespan_runs_the_flusher_around_the_app_and_keeps_its_state(world: World) -> None:
+    """The lifespan helper wraps the app's lifespan (its state passes through) and flushes at shutdown."""
+    target = world.subscribe("app")
+
+    @asynccontextmanager
+    async def app_lifespan(app: object) -> AsyncIterator[dict[str, str]]:
+        yield {"db": "ready"}
+
+    lifespan = flusher_lifespan(world.settings(flush_interval=60), wraps=app_lifespan)
+    async with lifespan(object()) as state:
+        assert state == {"db": "ready"}
+        await world.count([(target, 11)])
     await world.assert_exact()

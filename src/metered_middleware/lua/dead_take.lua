@@ -1,16 +1,22 @@
 -- Take dead-lettered lines out, atomically: re-drive them (their units go back to pending, to be claimed into a
 -- new batch with a new key) or discard them (an operator's explicit decision).
--- KEYS[1] dead, KEYS[2] pending, KEYS[3] targets; ARGV[1] 'retry' or 'discard', then entry ids.
+-- KEYS[1] dead, KEYS[2] pending, KEYS[3] targets; ARGV[1] 'retry' or 'discard', ARGV[2] a subscription item
+-- to re-drive onto ('' keeps the line's own: the fix for a deleted item is a new one), then entry ids.
 -- Returns the entries taken (their JSON), so the caller can log exactly what it moved.
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if raw then
     if ARGV[1] == 'retry' then
       local entry = cjson.decode(raw)
-      redis.call('HINCRBY', KEYS[2], entry.target, entry.units)
+      local target = entry.target
+      if ARGV[2] ~= '' then
+        local customer, _, event = string.match(target, '^([^|]*)|([^|]*)|(.*)$')
+        target = customer .. '|' .. ARGV[2] .. '|' .. event
+      end
+      redis.call('HINCRBY', KEYS[2], target, entry.units)
       if entry.meta ~= '' then
-        redis.call('HSETNX', KEYS[3], entry.target, entry.meta)
+        redis.call('HSETNX', KEYS[3], target, entry.meta)
       end
     end
     redis.call('HDEL', KEYS[1], ARGV[i])

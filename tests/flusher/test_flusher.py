@@ -197,3 +197,50 @@ async def test_lifespan_runs_the_flusher_around_the_app_and_keeps_its_state(worl
         assert state == {"db": "ready"}
         await world.count([(target, 11)])
     await world.assert_exact()
+
+
+async def test_a_line_first_attempted_beyond_the_horizon_goes_to_dead_letter_as_stale(world: World) -> None:
+    """Invariant 8: a line whose first attempt is older than ``stale_after`` is never re-sent blindly."""
+    target = world.subscribe("old")
+    await world.count([(target, 6)])
+    world.emu.inject("*", "503", times=1000)
+    async with Flusher(world.settings(retry_attempts=1, stale_after=1.0)) as flusher:
+        assert (await flusher.flush_once()).left == 1
+        world.emu.clear_faults()
+        await anyio.sleep(1.1)
+        report = await flusher.flush_once()
+        (dead,) = await flusher.store.dead_letters()
+    assert report.dead == 1
+    assert dead.reason == "stale"
+    await world.assert_exact(all_delivered=False)
+
+
+async def test_period_rollover_lands_usage_in_its_period_or_restamps_it_explicitly(world: World) -> None:
+    """Invariant 6: usage flushed before a test clock crosses the period end lands in that period (its
+    invoice matches); usage still pending then is re-stamped into the new period, counted and logged."""
+    clock = world.client.v1.test_helpers.test_clocks.create({"frozen_time": world.emu.now()})
+    target = world.subscribe("clocked", test_clock=clock.id)
+    assert target.period_start is not None
+    assert target.period_end is not None
+    await world.count([(target, 5)])
+    async with Flusher(world.settings()) as flusher:
+        assert (await flusher.flush_once()).complete
+        await world.count([(target, 3)])  # counted in the old period, not yet flushed
+        world.client.v1.test_helpers.test_clocks.advance(clock.id, {"frozen_time": target.period_end + 60})
+        report = await flusher.flush_once()
+    assert report.complete
+    assert report.restamped == 1
+    assert world.stripe_total(target, period_start=target.period_start) == 5
+    await world.assert_exact()
+    closed = [
+        i
+        for i in world.emu.invoices(target.subscription)
+        if i["period_start"] == target.period_start and i["billing_reason"] == "subscription_cycle"
+    ]
+    assert len(closed) == 1, world.emu.invoices(target.subscription)
+    metered = [
+        line
+        for line in closed[0]["lines"]["data"]
+        if line["pricing"]["price_details"]["price"] == world.price
+    ]
+    assert [line["quantity"] for line in metered] == [5]

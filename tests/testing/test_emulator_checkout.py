@@ -182,3 +182,23 @@ async def test_checkout_async(stripe_emulator: StripeEmulator) -> None:
     stripe_emulator.complete_checkout(session.id)
     fetched = await client.v1.checkout.sessions.retrieve_async(session.id)
     assert fetched.status == "complete"
+
+
+def test_checkout_expire_and_list(stripe_client: stripe.StripeClient) -> None:
+    """Open sessions can be expired once and are listed."""
+    session = _session(stripe_client)
+    assert stripe_client.v1.checkout.sessions.expire(session.id).status == "expired"
+    with pytest.raises(stripe.InvalidRequestError):
+        stripe_client.v1.checkout.sessions.expire(session.id)
+    assert [s.id for s in stripe_client.v1.checkout.sessions.list().data] == [session.id]
+
+
+def test_finalized_invoice_retrieve(
+    stripe_emulator: StripeEmulator, stripe_client: stripe.StripeClient
+) -> None:
+    """Invoices finalized by the emulator can be retrieved by id."""
+    result = stripe_emulator.complete_checkout(_session(stripe_client).id)
+    invoice_id = stripe_emulator.invoices(result["subscription"])[0]["id"]
+    invoice = stripe_client.v1.invoices.retrieve(invoice_id)
+    assert invoice.billing_reason == "subscription_create"
+    assert invoice.customer == result["customer"]

@@ -315,3 +315,33 @@ async def test_async_client_works(stripe_emulator: StripeEmulator) -> None:
     customer = await client.v1.customers.create_async({"email": "async@example.com"})
     fetched = await client.v1.customers.retrieve_async(customer.id)
     assert fetched.email == "async@example.com"
+
+
+def test_remaining_catalog_operations(stripe_client: stripe.StripeClient) -> None:
+    """Products, prices, meters, customers and test clocks update, list and delete like Stripe."""
+    product = stripe_client.v1.products.create({"name": "Old"})
+    assert stripe_client.v1.products.update(product.id, {"name": "New"}).name == "New"
+    assert [p.id for p in stripe_client.v1.products.list({"active": True}).data] == [product.id]
+    price = stripe_client.v1.prices.create({"currency": "usd", "product": product.id, "unit_amount": 1})
+    assert stripe_client.v1.prices.update(price.id, {"active": False}).active is False
+    assert stripe_client.v1.prices.list({"active": True}).data == []
+    meter_id = make_meter(stripe_client)
+    assert stripe_client.v1.billing.meters.update(meter_id, {"display_name": "Calls"}).display_name == "Calls"
+    clock = stripe_client.v1.test_helpers.test_clocks.create({"frozen_time": 1_700_000_000})
+    assert [c.id for c in stripe_client.v1.test_helpers.test_clocks.list().data] == [clock.id]
+    assert stripe_client.v1.test_helpers.test_clocks.delete(clock.id).deleted is True
+    customer = stripe_client.v1.customers.create({})
+    assert stripe_client.v1.customers.delete(customer.id).deleted is True
+    with pytest.raises(stripe.InvalidRequestError):
+        stripe_client.v1.customers.retrieve(customer.id)
+
+
+def test_licensed_item_quantity_update(stripe_client: stripe.StripeClient) -> None:
+    """A licensed item's quantity can change; a metered item refuses one."""
+    m = subscribe(stripe_client, extra_licensed=True)
+    items = stripe_client.v1.subscription_items.list({"subscription": m.subscription}).data
+    licensed = next(i for i in items if i.id != m.item)
+    assert stripe_client.v1.subscription_items.update(licensed.id, {"quantity": 3}).quantity == 3
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stripe_client.v1.subscription_items.update(m.item, {"quantity": 3})
+    assert caught.value.param == "quantity"

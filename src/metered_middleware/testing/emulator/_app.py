@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from . import _resources, _subscriptions, _usage
+from . import _invoices, _meters, _resources, _subscriptions, _usage
 from ._common import Ctx, Route
 from ._errors import (
     EmulatorError,
@@ -36,7 +36,13 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-ROUTES: list[Route] = [*_resources.ROUTES, *_subscriptions.ROUTES, *_usage.ROUTES]
+ROUTES: list[Route] = [
+    *_resources.ROUTES,
+    *_meters.ROUTES,
+    *_subscriptions.ROUTES,
+    *_invoices.ROUTES,
+    *_usage.ROUTES,
+]
 _TIERED_OPS = ("prices.", "subscriptions.", "subscription_items.")
 #: A timeout fault with no delay holds until the client gives up, but never longer than this.
 MAX_HOLD = 60.0

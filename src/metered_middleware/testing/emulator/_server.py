@@ -17,8 +17,8 @@ from ._app import EmulatorApp
 from ._billing import usage_quantity
 from ._common import Ctx
 from ._faults import Faults, TokenBucket
+from ._invoices import complete_checkout
 from ._state import MeterEvent, RequestRecord, State
-from ._subscriptions import complete_checkout
 from ._webhooks import Delivery, WebhookSender
 
 #: Stripe's test-mode rate limit.

@@ -17,7 +17,7 @@ from ._billing import (
 )
 from ._common import EXPAND, METADATA, RETRIEVE, Ctx, get, list_schema, paginate, route
 from ._errors import invalid
-from ._params import Arr, Bool, Enum, Int, Obj, Str, require_one
+from ._params import Arr, Bool, Enum, Int, Obj, Str
 from ._state import Obj as Json
 from ._state import State, new_id
 
@@ -63,7 +63,7 @@ SUBSCRIPTION_CANCEL = Obj(
 )
 
 
-def _check_price(ctx: Ctx, price_id: str, quantity: int | None, param: str) -> Json:
+def check_price(ctx: Ctx, price_id: str, quantity: int | None, param: str) -> Json:
     price = get(ctx.state.prices, "price", price_id, f"{param}[price]")
     recurring = price.get("recurring")
     if recurring is None:
@@ -111,7 +111,7 @@ def create_subscription_obj(ctx: Ctx, p: dict[str, Any]) -> Json:
     if not p["items"]:
         raise invalid("Missing required param: items.", param="items", code="parameter_missing")
     prices = [
-        _check_price(ctx, it["price"], it.get("quantity"), f"items[{i}]") for i, it in enumerate(p["items"])
+        check_price(ctx, it["price"], it.get("quantity"), f"items[{i}]") for i, it in enumerate(p["items"])
     ]
     intervals = {(pr["recurring"]["interval"], pr["recurring"]["interval_count"]) for pr in prices}
     if len(intervals) > 1:
@@ -159,18 +159,18 @@ def create_subscription(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json
     return render_subscription(ctx.state, create_subscription_obj(ctx, p))
 
 
-def _subscription(ctx: Ctx, sub_id: str, param: str | None = None) -> Json:
+def subscription_for(ctx: Ctx, sub_id: str, param: str | None = None) -> Json:
     sub = get(ctx.state.subscriptions, "subscription", sub_id, param)
     roll(ctx.state, sub)
     return sub
 
 
 def retrieve_subscription(ctx: Ctx, _: dict[str, Any], ids: tuple[str, ...]) -> Json:
-    return render_subscription(ctx.state, _subscription(ctx, ids[0]))
+    return render_subscription(ctx.state, subscription_for(ctx, ids[0]))
 
 
 def update_subscription(ctx: Ctx, p: dict[str, Any], ids: tuple[str, ...]) -> Json:
-    sub = _subscription(ctx, ids[0])
+    sub = subscription_for(ctx, ids[0])
     if sub["status"] == "canceled":
         raise invalid("A canceled subscription can only update its cancellation_details and metadata.")
     if "metadata" in p:
@@ -185,7 +185,7 @@ def update_subscription(ctx: Ctx, p: dict[str, Any], ids: tuple[str, ...]) -> Js
 
 def cancel_subscription(ctx: Ctx, p: dict[str, Any], ids: tuple[str, ...]) -> Json:
     state = ctx.state
-    sub = _subscription(ctx, ids[0])
+    sub = subscription_for(ctx, ids[0])
     if sub["status"] == "canceled":
         raise invalid(
             f"No such subscription: '{sub['id']}'; it has already been canceled.",
@@ -248,8 +248,8 @@ def item_for(ctx: Ctx, item_id: str, param: str | None = None) -> Json:
 
 
 def create_item(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    sub = _subscription(ctx, p["subscription"], "subscription")
-    price = _check_price(ctx, p["price"], p.get("quantity"), "price")
+    sub = subscription_for(ctx, p["subscription"], "subscription")
+    price = check_price(ctx, p["price"], p.get("quantity"), "price")
     if (price["recurring"]["interval"], price["recurring"]["interval_count"]) != tuple(sub["_interval"]):
         raise invalid("All prices on a subscription must have the same billing interval.", param="price")
     item = _new_item(ctx.state, sub, price, p.get("quantity"), p.get("metadata"))
@@ -291,205 +291,9 @@ def delete_item(ctx: Ctx, p: dict[str, Any], ids: tuple[str, ...]) -> Json:
 
 
 def list_items(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    sub = _subscription(ctx, p["subscription"], "subscription")
+    sub = subscription_for(ctx, p["subscription"], "subscription")
     items = [render_item(i) for i in live_items(ctx.state, sub)]
     return paginate(items, p, "/v1/subscription_items")
-
-
-# -- invoices -------------------------------------------------------------------------------------
-
-PREVIEW = Obj(
-    {
-        "customer": Str(),
-        "subscription": Str(),
-        "automatic_tax": Obj({"enabled": Bool()}, ["enabled"]),
-        "currency": Str(3),
-        "preview_mode": Enum("next", "recurring"),
-        "expand": EXPAND,
-    }
-)
-
-
-def preview_invoice(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    """The next invoice for a subscription: this period's usage and the next period's licenses."""
-    state = ctx.state
-    require_one(p, "customer", "subscription")
-    if p.get("subscription"):
-        sub = _subscription(ctx, p["subscription"], "subscription")
-        if p.get("customer") not in (None, sub["customer"]):
-            raise invalid("The subscription does not belong to this customer.", param="customer")
-    else:
-        get(state.customers, "customer", p["customer"], "customer")
-        subs = [
-            s
-            for s in state.subscriptions.values()
-            if s["customer"] == p["customer"] and s["status"] != "canceled"
-        ]
-        if not subs:
-            raise invalid(f"No upcoming invoices for customer: {p['customer']}", code="invoice_upcoming_none")
-        sub = subs[-1]
-        roll(state, sub)
-    if sub["status"] == "canceled":
-        raise invalid(f"No upcoming invoices for customer: {sub['customer']}", code="invoice_upcoming_none")
-    start, end = sub["current_period_start"], sub["current_period_end"]
-    interval, count = sub["_interval"]
-    next_end = (
-        None
-        if sub["cancel_at_period_end"]
-        else period_boundary(sub["billing_cycle_anchor"], interval, count, sub["_periods"] + 2)
-    )
-    invoice = build_invoice(state, sub, start, end, next_end, "upcoming")
-    invoice["id"] = "upcoming_" + new_id("in")
-    return invoice
-
-
-def list_invoices(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    state = ctx.state
-    if p.get("subscription"):
-        roll(state, get(state.subscriptions, "subscription", p["subscription"], "subscription"))
-    found = [
-        inv
-        for inv in state.invoices.values()
-        if p.get("customer") in (None, inv["customer"])
-        and p.get("subscription") in (None, inv["subscription"])
-        and p.get("status") in (None, inv["status"])
-    ]
-    return paginate(found, p, "/v1/invoices")
-
-
-def retrieve_invoice(ctx: Ctx, _: dict[str, Any], ids: tuple[str, ...]) -> Json:
-    return get(ctx.state.invoices, "invoice", ids[0])
-
-
-# -- checkout -------------------------------------------------------------------------------------
-
-CHECKOUT_CREATE = Obj(
-    {
-        "mode": Enum("payment", "setup", "subscription"),
-        "line_items": Arr(Obj({"price": Str(), "quantity": Int()}, ["price"]), 20),
-        "success_url": Str(5000),
-        "cancel_url": Str(5000),
-        "return_url": Str(5000),
-        "customer": Str(),
-        "customer_email": Str(),
-        "client_reference_id": Str(200),
-        "metadata": METADATA,
-        "subscription_data": Obj(
-            {"metadata": METADATA, "description": Str(500), "billing_cycle_anchor": Int()}
-        ),
-        "allow_promotion_codes": Bool(),
-        "billing_address_collection": Enum("auto", "required"),
-        "payment_method_types": Arr(Str()),
-        "automatic_tax": Obj({"enabled": Bool()}, ["enabled"]),
-        "tax_id_collection": Obj({"enabled": Bool()}, ["enabled"]),
-        "locale": Str(),
-        "ui_mode": Enum("custom", "embedded", "hosted"),
-        "expires_at": Int(),
-        "expand": EXPAND,
-    },
-    ["mode"],
-)
-
-
-def create_checkout(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    state = ctx.state
-    if p["mode"] != "subscription":
-        raise invalid("The emulator implements Checkout Sessions with mode=subscription only.", param="mode")
-    if not p.get("line_items"):
-        raise invalid(
-            "`line_items` is required in subscription mode.", param="line_items", code="parameter_missing"
-        )
-    if p.get("customer") is not None:
-        get(state.customers, "customer", p["customer"], "customer")
-        if p.get("customer_email") is not None:
-            raise invalid(
-                "You may only specify one of these parameters: customer, customer_email.",
-                param="customer_email",
-                code="parameters_exclusive",
-            )
-    for i, line in enumerate(p["line_items"]):
-        _check_price(ctx, line["price"], line.get("quantity"), f"line_items[{i}]")
-    session_id = "cs_test_" + new_id("x")[2:] + new_id("x")[2:]
-    now = state.customer_now(p.get("customer"))
-    session: Json = {
-        "id": session_id,
-        "object": "checkout.session",
-        "cancel_url": p.get("cancel_url"),
-        "client_reference_id": p.get("client_reference_id"),
-        "created": now,
-        "customer": p.get("customer"),
-        "customer_email": p.get("customer_email"),
-        "expires_at": p.get("expires_at", now + 86400),
-        "livemode": False,
-        "metadata": p.get("metadata", {}),
-        "mode": "subscription",
-        "payment_status": "unpaid",
-        "status": "open",
-        "subscription": None,
-        "success_url": p.get("success_url"),
-        "url": f"{state.base_url}/checkout/{session_id}",
-        "_line_items": p["line_items"],
-        "_subscription_data": p.get("subscription_data", {}),
-    }
-    state.checkout_sessions[session_id] = session
-    return render_checkout(session)
-
-
-def render_checkout(session: Json) -> Json:
-    return {k: v for k, v in session.items() if not k.startswith("_")}
-
-
-def retrieve_checkout(ctx: Ctx, _: dict[str, Any], ids: tuple[str, ...]) -> Json:
-    return render_checkout(get(ctx.state.checkout_sessions, "checkout.session", ids[0]))
-
-
-def expire_checkout(ctx: Ctx, _: dict[str, Any], ids: tuple[str, ...]) -> Json:
-    session = get(ctx.state.checkout_sessions, "checkout.session", ids[0])
-    if session["status"] != "open":
-        raise invalid(
-            f"Only Checkout Sessions with a status of `open` can be expired; this one is "
-            f"`{session['status']}`."
-        )
-    session["status"] = "expired"
-    ctx.state.emit("checkout.session.expired", render_checkout(session))
-    return render_checkout(session)
-
-
-def list_checkouts(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
-    found = [
-        render_checkout(s)
-        for s in ctx.state.checkout_sessions.values()
-        if p.get("subscription") in (None, s["subscription"]) and p.get("customer") in (None, s["customer"])
-    ]
-    return paginate(found, p, "/v1/checkout/sessions")
-
-
-def complete_checkout(ctx: Ctx, session_id: str, test_clock: str | None) -> dict[str, str]:
-    """What a customer paying on the hosted page causes: a customer, a subscription, webhooks."""
-    state = ctx.state
-    session = get(state.checkout_sessions, "checkout.session", session_id)
-    if session["status"] != "open":
-        raise invalid(f"Checkout Session {session_id} is {session['status']}, not open.")
-    customer_id = session["customer"]
-    if customer_id is None:
-        from ._resources import create_customer
-
-        params: dict[str, Any] = {"email": session["customer_email"]}
-        if test_clock is not None:
-            params["test_clock"] = test_clock
-        customer_id = create_customer(ctx, params, ())["id"]
-    data = session["_subscription_data"]
-    sub_params: dict[str, Any] = {
-        "customer": customer_id,
-        "items": session["_line_items"],
-        "metadata": data.get("metadata", {}),
-    }
-    if data.get("billing_cycle_anchor") is not None:
-        sub_params["billing_cycle_anchor"] = data["billing_cycle_anchor"]
-    sub = create_subscription_obj(ctx, sub_params)
-    session.update(customer=customer_id, subscription=sub["id"], status="complete", payment_status="paid")
-    state.emit("checkout.session.completed", render_checkout(session))
-    return {"customer": customer_id, "subscription": sub["id"], "subscription_item": sub["_item_ids"][0]}
 
 
 ROUTES = [
@@ -533,26 +337,4 @@ ROUTES = [
     route("GET", "/v1/subscription_items/{id}", "subscription_items.retrieve", RETRIEVE, retrieve_item),
     route("POST", "/v1/subscription_items/{id}", "subscription_items.update", ITEM_UPDATE, update_item),
     route("DELETE", "/v1/subscription_items/{id}", "subscription_items.delete", ITEM_DELETE, delete_item),
-    route("POST", "/v1/invoices/create_preview", "invoices.create_preview", PREVIEW, preview_invoice),
-    route("GET", "/v1/invoices/upcoming", "invoices.upcoming", PREVIEW, preview_invoice, legacy_only=True),
-    route(
-        "GET",
-        "/v1/invoices",
-        "invoices.list",
-        list_schema(
-            customer=Str(), subscription=Str(), status=Enum("draft", "open", "paid", "uncollectible", "void")
-        ),
-        list_invoices,
-    ),
-    route("GET", "/v1/invoices/{id}", "invoices.retrieve", RETRIEVE, retrieve_invoice),
-    route("POST", "/v1/checkout/sessions", "checkout_sessions.create", CHECKOUT_CREATE, create_checkout),
-    route(
-        "GET",
-        "/v1/checkout/sessions",
-        "checkout_sessions.list",
-        list_schema(customer=Str(), subscription=Str()),
-        list_checkouts,
-    ),
-    route("GET", "/v1/checkout/sessions/{id}", "checkout_sessions.retrieve", RETRIEVE, retrieve_checkout),
-    route("POST", "/v1/checkout/sessions/{id}/expire", "checkout_sessions.expire", RETRIEVE, expire_checkout),
 ]

@@ -121,6 +121,7 @@ async def sign_up_demo(
                 setup.price_for(plan, legacy=legacy),
                 success_url=f"{base}/success?session_id={{CHECKOUT_SESSION_ID}}",
                 cancel_url=f"{base}/",
+                legacy=legacy,
             )
             # Pays as a customer would, then blocks until the webhooks reached the app: run it off the loop.
             ids = await anyio.to_thread.run_sync(functools.partial(emulator.complete_checkout, session.id))
@@ -138,8 +139,11 @@ def print_demo(out: TextIO, base: str, found: Backends, keys: Sequence[tuple[str
     print(f"  Redis:  {found.redis_label}", file=out)
     print(f"  Stripe: {found.stripe_label}", file=out)
     if not keys:
-        print(f"\nSubscribe at {base}/ ; forward webhooks with:", file=out)
-        print(f"  stripe listen --forward-to {base}/stripe/webhook", file=out)
+        print(f"\nSubscribe at {base}/", file=out)
+        if found.emulator is None:
+            print(
+                f"Forward Stripe's webhooks with: stripe listen --forward-to {base}/stripe/webhook", file=out
+            )
     else:
         print("\nDemo customers (each key is shown once; only its hash is stored):", file=out)
         for plan, customer, key in keys:
@@ -183,7 +187,12 @@ async def serve(env: Mapping[str, str], host: str, port: int, out: TextIO) -> No
                         if server.should_exit:
                             return
                         await anyio.sleep(0.02)
-                    keys = await sign_up_demo(found, setup, base, legacy=legacy) if found.emulator else []
+                    try:
+                        keys = await sign_up_demo(found, setup, base, legacy=legacy) if found.emulator else []
+                    except Exception as exc:  # Stripe, HTTP or emulator errors alike: the demo is optional
+                        # The app stays useful without demo customers: say why, and how to sign up by hand.
+                        print(f"demo sign-up failed: {exc}", file=sys.stderr)
+                        keys = []
                     print_demo(out, base, found, keys)
 
                 tg.start_soon(announce)

@@ -112,7 +112,8 @@ class Typographic:
         )
         self.metered = MeteringMiddleware(self.starlette, settings=settings, redis=redis)
         # The meter event sinks need the event name; usage records bill the subscription item instead.
-        meter_event = None if delivery is not None and delivery.sink == "usage_records" else METER_EVENT_NAME
+        self.legacy = delivery is not None and delivery.sink == "usage_records"
+        meter_event = None if self.legacy else METER_EVENT_NAME
         self.onboarding = Onboarding(
             redis=redis,
             registry=self.registry,
@@ -182,6 +183,7 @@ class Typographic:
             self.prices[plan.key],
             success_url=f"{base}/success?session_id={{CHECKOUT_SESSION_ID}}",
             cancel_url=f"{base}/",
+            legacy=self.legacy,
         )
         return RedirectResponse(str(session.url), status_code=303)
 

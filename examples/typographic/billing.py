@@ -133,8 +133,14 @@ async def create_checkout_session(
     *,
     success_url: str,
     cancel_url: str,
+    legacy: bool = False,
 ) -> stripe.checkout.Session:
-    """A subscription-mode Checkout session for a plan; the plan rides along in the metadata."""
+    """A subscription-mode Checkout session for a plan; the plan rides along in the metadata.
+
+    ``legacy`` prices (billed through usage records) can only be subscribed to on an API version before
+    2025-03-31, so the session is created on that version.
+    """
+    options: stripe.RequestOptions = {"stripe_version": LEGACY_API_VERSION} if legacy else {}
     return await client.v1.checkout.sessions.create_async(
         {
             "mode": "subscription",
@@ -143,5 +149,6 @@ async def create_checkout_session(
             "cancel_url": cancel_url,
             "metadata": {"typographic_plan": plan.key},
             "subscription_data": {"metadata": {"typographic_plan": plan.key}},
-        }
+        },
+        options,
     )

@@ -8,8 +8,7 @@ counts, read usage and drop cached keys when a webhook changes a subscription.
 from __future__ import annotations
 
 import html
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -30,6 +29,7 @@ from metered_middleware._delivery import DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
+from metered_middleware._lifespan import flusher_lifespan
 from metered_middleware._store import CountStore
 
 __all__ = ["SITE_PATHS", "SUBSET_WEIGHT", "Typographic", "example_settings"]
@@ -108,7 +108,10 @@ class Typographic:
                 Route("/v1/css", self.css),
                 Route("/v1/usage", self.usage),
             ],
-            lifespan=self._lifespan,
+            # With delivery settings the flusher runs beside the app, with a last flush at shutdown (the
+            # middleware has written its buffered counts by then: it watches the same lifespan).
+            # (flusher_lifespan is typed Mapping | None; Starlette wants one or the other: reported.)
+            lifespan=flusher_lifespan(delivery, flusher=self._flusher) if delivery is not None else None,  # type: ignore[arg-type]
         )
         self.metered = MeteringMiddleware(self.starlette, settings=settings, redis=redis)
         # The meter event sinks need the event name; usage records bill the subscription item instead.
@@ -127,35 +130,10 @@ class Typographic:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.metered(scope, receive, send)
 
-    @asynccontextmanager
-    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        if self.delivery is None:
-            yield
-            return
-        stop = anyio.Event()
-        async with Flusher(self.delivery, redis=self.redis) as flusher, anyio.create_task_group() as tg:
-            self.flusher = flusher
-            tg.start_soon(self._deliver, flusher, stop)
-            try:
-                yield
-            finally:
-                stop.set()
-        self.flusher = None
-
-    async def _deliver(self, flusher: Flusher, stop: anyio.Event) -> None:
-        """Flush every ``flush_interval``; on shutdown, one last pass bounded by ``shutdown_grace``."""
-        assert self.delivery is not None
-        # A short positive lease wait: Flusher.run() passes 0, which anyio's move_on_after(0) cancels before
-        # the first lease attempt, so nothing is ever delivered (reported to the flusher's owner).
-        lease_wait = 0.2
-        while not stop.is_set():
-            await flusher.flush_once(lease_wait=lease_wait)
-            with anyio.move_on_after(self.delivery.flush_interval):
-                await stop.wait()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.delivery.shutdown_grace):
-            # The middleware wrote its buffered counts when the lifespan shutdown began; bill them now.
-            await self.metered.flush()
-            await flusher.flush_once(lease_wait=lease_wait)
+    def _flusher(self, settings: DeliverySettings) -> Flusher:
+        """The flusher ``flusher_lifespan`` runs, sharing the app's Redis client and kept for ``flush()``."""
+        self.flusher = Flusher(settings, redis=self.redis)
+        return self.flusher
 
     async def flush(self) -> None:
         """Write buffered counts to Redis and, when the flusher runs, deliver everything pending to Stripe."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,19 +22,26 @@ __all__ = ["CountStore", "CountWrite", "target_metadata"]
 
 # Usage per period is kept this long after the period ends, for the usage view and reconciliation.
 DEFAULT_USAGE_RETENTION = 40 * 24 * 3600
+# A writer sends a target's metadata when it changes, and again at least this often (should Redis lose it).
+META_RESEND = 300.0
 
 
 def target_metadata(target: BillingTarget) -> str:
-    """What a flusher needs to know about a target beyond its id, as stored beside the pending counts."""
-    return json.dumps(
-        {
-            "subscription": target.subscription,
-            "period_start": target.period_start,
-            "period_end": target.period_end,
-            "test_clock": target.test_clock,
-        },
-        separators=(",", ":"),
-    )
+    """What a flusher needs to know about a target beyond its id, as stored beside the pending counts.
+
+    Absent fields are left out rather than stored as null (readers use ``.get``): it is kept per target.
+    """
+    fields = {
+        "subscription": target.subscription,
+        "period_start": target.period_start,
+        "period_end": target.period_end,
+        "test_clock": target.test_clock,
+    }
+    return json.dumps({k: v for k, v in fields.items() if v is not None}, separators=(",", ":"))
+
+
+def _meta_key(target: BillingTarget) -> tuple[str | None, int | None, int | None, str | None]:
+    return (target.subscription, target.period_start, target.period_end, target.test_clock)
 
 
 @dataclass(slots=True)
@@ -44,6 +52,8 @@ class CountWrite:
     writer: str
     seq: int
     lines: list[tuple[BillingTarget, int]]
+    # The script's keys and arguments, built at the first attempt: a retry resends exactly the same write.
+    encoded: tuple[list[str], list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def units(self) -> int:
@@ -65,8 +75,13 @@ class CountStore:
         self.layout = layout
         self.usage_retention = usage_retention
         self._count = redis.register_script(script_source("count"))
+        # target id -> (the metadata this store last sent for it, when): unchanged metadata is not resent
+        # every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
+        self._meta_sent: dict[str, tuple[tuple[str | None, int | None, int | None, str | None], float]] = {}
 
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
+        if write.encoded is not None:
+            return write.encoded
         layout = self.layout
         shard = write.shard
         keys: list[str] = [
@@ -76,22 +91,35 @@ class CountStore:
             layout.pending_since(shard),
         ]
         usage_index: dict[int, int] = {}
-        args: list[Any] = [write.writer, write.seq, self.usage_retention]
+        expire_at: list[int] = []
+        line_args: list[Any] = []
+        sent = self._meta_sent
+        if len(sent) > 1_000_000:
+            sent.clear()  # bounded: at worst every target's metadata is sent once more
+        now = time.monotonic()
+        fresh_after = now - META_RESEND
+        retention = self.usage_retention
         for target, units in write.lines:
             index = 0
-            if target.period_start is not None and target.period_end is not None:
-                index = usage_index.get(target.period_start, 0)
+            start, end = target.period_start, target.period_end
+            if start is not None and end is not None:
+                index = usage_index.get(start, 0)
                 if not index:
-                    keys.append(layout.usage(shard, target.period_start))
-                    index = usage_index[target.period_start] = len(keys)
-            args += [
-                target.target_id,
-                units,
-                index,
-                target.period_end or 0,
-                target_metadata(target),
-            ]
-        return keys, args
+                    keys.append(layout.usage(shard, start))
+                    index = usage_index[start] = len(keys)
+                    expire_at.append(end + retention)
+                elif end + retention > expire_at[index - 5]:
+                    expire_at[index - 5] = end + retention
+            meta_key = _meta_key(target)
+            last = sent.get(target.target_id)
+            if last is not None and last[0] == meta_key and last[1] > fresh_after:
+                meta = ""
+            else:
+                meta = target_metadata(target)
+                sent[target.target_id] = (meta_key, now)
+            line_args += (target.target_id, units, index, meta)
+        write.encoded = keys, [write.writer, write.seq, len(expire_at), *expire_at, *line_args]
+        return write.encoded
 
     async def apply(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
         """Send the writes in one pipeline; each result is True (applied now or before) or the error it met.

@@ -11,7 +11,7 @@ import time
 import anyio
 import redis.asyncio as aioredis
 
-from metered_middleware._delivery_config import SINKS, DeliverySettings
+from metered_middleware._delivery_config import SINKS, DeliverySettings, SinkName
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
 from metered_middleware._redis_server import RedisServer
@@ -20,7 +20,7 @@ from metered_middleware._target import BillingTarget
 from metered_middleware.testing.emulator import StripeEmulator
 
 
-async def one_sink(sink: str, emu: StripeEmulator, url: str, targets: int, concurrency: int) -> float:
+async def one_sink(sink: SinkName, emu: StripeEmulator, url: str, targets: int, concurrency: int) -> float:
     redis = aioredis.Redis.from_url(url)
     await redis.flushdb()
     emu.reset()
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--sink", choices=SINKS, action="append")
     args = parser.parse_args()
     with RedisServer() as server, StripeEmulator(rate_limit=None) as emu:
-        for sink in args.sink or SINKS:
+        for sink in args.sink or SINKS:  # argparse choices keep it a SinkName
             anyio.run(one_sink, sink, emu, server.url, args.targets, args.concurrency)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Final, Literal
 
 from metered_middleware._errors import ConfigurationError
 
-__all__ = ["SINKS", "DeliverySettings"]
+__all__ = ["SINKS", "DeliverySettings", "SinkName"]
 
 SINKS: Final = ("meter_events", "usage_records", "meter_event_stream")
 SinkName = Literal["meter_events", "usage_records", "meter_event_stream"]

@@ -69,9 +69,9 @@ async def one_sink(sink: SinkName, emu: StripeEmulator, url: str, targets: int, 
     elapsed = time.perf_counter() - started
     await redis.aclose()
     emu.close_clients()
+    sent = report.delivered + report.dead
     print(
-        f"{sink:20s} {report.delivered + report.dead:6d} lines in {elapsed:6.2f}s = "
-        f"{(report.delivered + report.dead) / elapsed:8.0f} lines/s (delivered {report.delivered}, dead {report.dead})"
+        f"{sink:20s} {sent:6d} lines in {elapsed:6.2f}s = {sent / elapsed:8.0f} lines/s (dead {report.dead})"
     )
     return elapsed
 

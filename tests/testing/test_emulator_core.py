@@ -345,3 +345,13 @@ def test_licensed_item_quantity_update(stripe_client: stripe.StripeClient) -> No
     with pytest.raises(stripe.InvalidRequestError) as caught:
         stripe_client.v1.subscription_items.update(m.item, {"quantity": 3})
     assert caught.value.param == "quantity"
+
+
+def test_clients_survive_reset(stripe_emulator: StripeEmulator) -> None:
+    """A client from `client()` keeps working after `reset()` wiped the account."""
+    client = stripe_emulator.client()
+    first = client.v1.customers.create({})
+    stripe_emulator.reset()
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.customers.retrieve(first.id)
+    assert client.v1.customers.create({}).id != first.id

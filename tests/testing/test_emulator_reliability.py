@@ -179,6 +179,11 @@ def test_timeout_fault_outlasts_client_and_writes_nothing(
     stripe_emulator.inject("meter_events.create", "timeout")
     with pytest.raises(stripe.APIConnectionError):
         _event(client, m.customer, 3)
+    deadline = time.monotonic() + 5
+    while not stripe_emulator.requests("meter_events.create") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The server saw the client leave and gave up too, so nothing can land later.
+    assert [r.status for r in stripe_emulator.requests("meter_events.create")] == [0]
     assert stripe_emulator.meter_event_total(m.customer, "api_requests") == 0
 
 

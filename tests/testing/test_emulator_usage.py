@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import stripe
@@ -321,3 +321,16 @@ async def test_stream_async(stripe_emulator: StripeEmulator) -> None:
     streamer = stripe_emulator.client(api_key=session.authentication_token)
     await streamer.v2.billing.meter_event_stream.create_async({"events": _events(m.customer, 50)})
     assert stripe_emulator.meter_event_total(m.customer, "api_requests") == 50
+
+
+def test_stream_validates_parameters(
+    stripe_emulator: StripeEmulator, stripe_client: stripe.StripeClient
+) -> None:
+    """Unknown fields in the v2 JSON body are refused like v1's unknown parameters."""
+    streamer = _stream_client(stripe_emulator, stripe_client)
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        streamer.v2.billing.meter_event_stream.create(
+            cast(Any, {"events": [{"event_name": "x", "payload": {}, "colour": "red"}]})
+        )
+    assert caught.value.code == "parameter_unknown"
+    assert caught.value.param == "events[0][colour]"

@@ -5,7 +5,8 @@
   (`rate_limit=None`) so tests run fast; set `stripe_emulator.rate_limit = 25.0` in a test to get
   Stripe's test-mode limit. Faults, latency, the emulated clock and all objects are wiped too.
 - `stripe_client`: a `stripe.StripeClient` pointed at it (sync and async methods both work,
-  `max_network_retries=0`), closed after the test.
+  `max_network_retries=0`), closed after the test. Clients a test makes with
+  `stripe_emulator.client()` stay usable across resets and are closed when the session ends.
 
 Nothing starts unless a test asks for one of these fixtures.
 """
@@ -13,16 +14,22 @@ Nothing starts unless a test asks for one of these fixtures.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-import stripe
 
-from metered_middleware.testing.emulator import StripeEmulator
+if TYPE_CHECKING:
+    import stripe
+
+    from metered_middleware.testing.emulator import StripeEmulator
 
 
 @pytest.fixture(scope="session")
 def stripe_emulator_server() -> Iterator[StripeEmulator]:
     """The session's emulator server; prefer `stripe_emulator`, which also resets it."""
+    # Imported here so that loading the plugin costs nothing and needs no server dependencies.
+    from metered_middleware.testing.emulator import StripeEmulator
+
     emulator = StripeEmulator(rate_limit=None).start()
     try:
         yield emulator
@@ -44,6 +51,12 @@ def stripe_emulator(stripe_emulator_server: StripeEmulator) -> Iterator[StripeEm
 
 
 @pytest.fixture
-def stripe_client(stripe_emulator: StripeEmulator) -> stripe.StripeClient:
-    """A `StripeClient` talking to `stripe_emulator` (closed when the emulator resets)."""
-    return stripe_emulator.client()
+def stripe_client(stripe_emulator: StripeEmulator) -> Iterator[stripe.StripeClient]:
+    """A `StripeClient` talking to `stripe_emulator`, closed after the test."""
+    from metered_middleware.testing.emulator import EmulatorHTTPXClient
+
+    http_client = EmulatorHTTPXClient()
+    try:
+        yield stripe_emulator.client(http_client=http_client)
+    finally:
+        http_client.close()

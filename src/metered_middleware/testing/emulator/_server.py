@@ -11,7 +11,6 @@ from types import TracebackType
 from typing import Any
 
 import stripe
-import uvicorn
 
 from ._app import EmulatorApp
 from ._billing import usage_quantity
@@ -51,7 +50,7 @@ class StripeEmulator:
         self.app = EmulatorApp(self.state, self._faults, self._bucket)
         self._host, self._port = host, port
         self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: Any = None
         self._thread: threading.Thread | None = None
         self._clients: list[EmulatorHTTPXClient] = []
 
@@ -66,7 +65,10 @@ class StripeEmulator:
         self.state.base_url = self.url
         return sock
 
-    def _make_server(self) -> uvicorn.Server:
+    def _make_server(self) -> Any:
+        # uvicorn is only needed to serve; the ASGI app itself runs on any server.
+        import uvicorn
+
         config = uvicorn.Config(
             self.app,
             log_level="warning",
@@ -154,8 +156,9 @@ class StripeEmulator:
     ) -> stripe.StripeClient:
         """A `StripeClient` pointed at the emulator (sync and async), with no network retries.
 
-        Its connections are closed by `reset()`, `close_clients()` or `stop()`. Async requests
-        use a fresh connection each, so no socket outlives the event loop of an async test.
+        `stop()` (or `close_clients()`) closes it; `reset()` only drops its idle connections.
+        Async requests use a fresh connection each, so no socket outlives an async test's loop.
+        Pass `http_client=` to bring your own (you close it then).
         """
         http_client = kwargs.pop("http_client", None)
         if http_client is None:
@@ -178,8 +181,12 @@ class StripeEmulator:
     # -- control ----------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Wipe all objects, events, idempotency keys, faults, latency and the clock offset."""
-        self.close_clients()
+        """Wipe all objects, events, idempotency keys, faults, latency and the clock offset.
+
+        Clients from `client()` stay usable; their idle connections are closed.
+        """
+        for http_client in self._clients:
+            http_client.release_connections()
         self._webhooks.wait(timeout=5)
         with self.state.lock:
             self.state.wipe()
@@ -360,6 +367,13 @@ class EmulatorHTTPXClient(stripe.HTTPXClient):
             kwargs["content"] = body
         return [args, kwargs]
 
+    def release_connections(self) -> None:
+        """Close idle pooled sockets and stay usable (httpx has no public call for this)."""
+        pool = getattr(getattr(self._client, "_transport", None), "_pool", None)
+        if pool is not None:
+            pool.close()
+
     def close(self) -> None:
+        """Close the sync connection pool; async requests hold no connection to close."""
         if self._client is not None:
             self._client.close()

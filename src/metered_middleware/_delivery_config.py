@@ -114,9 +114,11 @@ class DeliverySettings:
             )
         if not 1 <= self.shards <= 1024:
             raise ConfigurationError("METERED_SHARDS", self.shards, "an integer from 1 to 1024")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
             raise ConfigurationError(
-                "METERED_REDIS_URL", self.redis_url, "a URL starting with redis://, rediss:// or unix://"
+                "METERED_REDIS_URL",
+                self.redis_url,
+                "a URL starting with redis://, rediss://, unix:// or redis+cluster://",
             )
         if self.sink not in SINKS:
             raise ConfigurationError("METERED_SINK", self.sink, " or ".join(SINKS))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from metered_middleware._errors import MeteringError, StorageError
@@ -183,6 +184,9 @@ class DeliveryStore:
         """Read what is left of a batch (None once fully delivered), with Redis's current time."""
 
         async def op() -> tuple[dict[bytes, bytes], Any]:
+            if isinstance(self.redis, RedisCluster):
+                # The cluster pipeline refuses TIME: two commands (any node's clock: they share one source).
+                return await self.redis.hgetall(self.layout.batch(shard, seq)), await self.redis.time()
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self.layout.batch(shard, seq))
                 pipe.time()

@@ -31,6 +31,7 @@ from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
 from metered_middleware._limits import KeyedLocks, TokenBucket, backoff_delay
+from metered_middleware._redis import connect
 from metered_middleware._sinks import Outcome, SendLine, Sink, make_sink, make_stripe_client
 from metered_middleware._target import parse_target_id
 
@@ -96,6 +97,10 @@ class Flusher:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> Flusher:
+        if self._redis is None and self.settings.redis_url.startswith("redis+cluster://"):
+            # The cluster client follows MOVED and failovers itself; every delivery script is single-slot.
+            self._redis = connect(self.settings.redis_url)
+            self._owned.append(self._redis.aclose)
         if self._redis is None:
             # Reconnect through a Redis restart; every delivery script is safe to run twice.
             self._redis = aioredis.Redis.from_url(

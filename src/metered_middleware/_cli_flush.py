@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 
 from metered_middleware._delivery import DeadLetter, DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import MeteringError
 from metered_middleware._flusher import Checkpoint, Flusher
 from metered_middleware._layout import Layout
+from metered_middleware._redis import connect
 
 __all__ = ["add_parsers", "dead_letter_command", "flush_command", "main"]
 
@@ -40,6 +40,8 @@ def add_parsers(subparsers: Any) -> None:
     )
     flush.add_argument("--once", action="store_true", help="one pass; exit 1 unless all was delivered")
     flush.add_argument("--interval", type=float, help="seconds between passes (METERED_FLUSH_INTERVAL)")
+    flush.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    flush.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port")
     flush.set_defaults(func=flush_command)
 
     dead = subparsers.add_parser("dead-letter", help="show, re-drive or discard lines Stripe refused")
@@ -72,11 +74,21 @@ def flush_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     checkpoint: Checkpoint | None = getattr(args, "checkpoint", None)
+    if getattr(args, "metrics_port", None) is not None:
+        from metered_middleware._metrics import run_with_metrics
+
+        async def run(**flusher_kwargs: Any) -> int:
+            return await _flush(settings, bool(args.once), checkpoint, **flusher_kwargs)
+
+        return anyio.run(run_with_metrics, settings, args.metrics_port, args.metrics_host, run)
     return anyio.run(_flush, settings, bool(args.once), checkpoint)
 
 
-async def _flush(settings: DeliverySettings, once: bool, checkpoint: Checkpoint | None) -> int:
-    async with Flusher(settings, checkpoint=checkpoint) as flusher, anyio.create_task_group() as tg:
+async def _flush(
+    settings: DeliverySettings, once: bool, checkpoint: Checkpoint | None, **flusher_kwargs: Any
+) -> int:
+    flusher = Flusher(settings, checkpoint=checkpoint, **flusher_kwargs)
+    async with flusher, anyio.create_task_group() as tg:
         work = anyio.CancelScope()
         stopped = False
 
@@ -131,7 +143,7 @@ def _describe(entry: DeadLetter) -> dict[str, Any]:
 
 
 async def _dead_letter(settings: DeliverySettings, args: argparse.Namespace) -> int:
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         store = DeliveryStore(redis, Layout(settings.namespace, settings.shards))
         entries = await store.dead_letters()

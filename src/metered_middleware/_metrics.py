@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import redis.asyncio as aioredis
 
 from metered_middleware._errors import MeteringError, StorageError
@@ -30,10 +31,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the opti
     raise ImportError("metrics need prometheus-client: pip install prometheus-client") from exc
 
 if TYPE_CHECKING:
+    from metered_middleware._delivery_config import DeliverySettings
     from metered_middleware._middleware import MeteringMiddleware
     from metered_middleware._sinks import Outcome, SendLine, Sink
 
-__all__ = ["MeasuredSink", "MeteringMetrics", "metrics_app"]
+__all__ = ["MeasuredSink", "MeteringMetrics", "metrics_app", "run_with_metrics"]
 
 log = logging.getLogger("metered_middleware.metrics")
 
@@ -283,3 +285,47 @@ def metrics_app(
 
     app.metrics = collector  # type: ignore[attr-defined]
     return app
+
+
+async def run_with_metrics(
+    settings: DeliverySettings,
+    port: int,
+    host: str,
+    run: Callable[..., Awaitable[int]],
+    *,
+    refresh_every: float = 1.0,
+) -> int:
+    """Serve the flusher's metrics on ``host:port`` while ``run(client=..., sink=...)`` delivers.
+
+    ``run`` receives the Stripe client and a measured sink to hand to its ``Flusher``. Shard gauges are
+    refreshed every ``refresh_every`` seconds; the HTTP server runs in a thread and stops with ``run``.
+    """
+    from prometheus_client import start_http_server
+
+    from metered_middleware._redis import connect
+    from metered_middleware._sinks import make_sink, make_stripe_client
+
+    redis = connect(settings.redis_url)
+    metrics = MeteringMetrics(redis=redis, layout=Layout(settings.namespace, settings.shards))
+    client, http = make_stripe_client(settings)
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    log.info("metrics on http://%s:%s/metrics", host, port)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def refresh() -> None:
+                while True:
+                    await metrics.refresh()
+                    await anyio.sleep(refresh_every)
+
+            tg.start_soon(refresh)
+            code = await run(client=client, sink=metrics.measure(make_sink(settings, client)))
+            tg.cancel_scope.cancel()
+        return code
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        await redis.aclose()
+        close: Callable[[], Awaitable[Any]] = http.close_async  # the SDK leaves it untyped
+        await close()

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import stripe
 
-from metered_middleware.testing.emulator import StripeEmulator
+from metered_middleware.testing.emulator import EmulatorHTTPXClient, StripeEmulator
 
 from ._helpers import LEGACY, STANDARD_TIERS, make_meter, subscribe
 
@@ -355,3 +355,17 @@ def test_clients_survive_reset(stripe_emulator: StripeEmulator) -> None:
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.customers.retrieve(first.id)
     assert client.v1.customers.create({}).id != first.id
+
+
+@pytest.mark.anyio
+async def test_keepalive_async_client(stripe_emulator: StripeEmulator) -> None:
+    """With `keepalive=True` async requests share connections until `aclose()`."""
+    http_client = EmulatorHTTPXClient(keepalive=True)
+    client = stripe_emulator.client(http_client=http_client)
+    try:
+        for _ in range(3):
+            await client.v1.customers.create_async({})
+    finally:
+        await http_client.aclose()
+        http_client.close()
+    assert len(stripe_emulator.requests("customers.create")) == 3

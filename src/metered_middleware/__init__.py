@@ -7,12 +7,18 @@ from importlib.metadata import version as _version
 
 from metered_middleware._config import RouteWeight, Settings
 from metered_middleware._counter import Counter, CounterStats
+from metered_middleware._delivery import DeadLetter, DeliveryStore, LeaseLostError
+from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import ConfigurationError, MeteringError, StorageError
+from metered_middleware._flusher import Flusher, FlushReport
 from metered_middleware._keys import generate_key, hash_key
+from metered_middleware._layout import Layout
+from metered_middleware._lifespan import flusher_lifespan
 from metered_middleware._middleware import MeteringMiddleware
 from metered_middleware._redis import connect
 from metered_middleware._registry import IssuedKey, KeyRecord, KeyRegistry
 from metered_middleware._resolver import CachingResolver, CallableResolver, Resolver, StaticResolver
+from metered_middleware._sinks import Outcome, SendLine, Sink
 from metered_middleware._store import CountStore
 from metered_middleware._target import INACTIVE_STATUSES, BillingTarget
 
@@ -27,18 +33,29 @@ __all__ = [
     "CountStore",
     "Counter",
     "CounterStats",
+    "DeadLetter",
+    "DeliverySettings",
+    "DeliveryStore",
+    "FlushReport",
+    "Flusher",
     "IssuedKey",
     "KeyRecord",
     "KeyRegistry",
+    "Layout",
+    "LeaseLostError",
     "MeteringError",
     "MeteringMiddleware",
+    "Outcome",
     "Resolver",
     "RouteWeight",
+    "SendLine",
     "Settings",
+    "Sink",
     "StaticResolver",
     "StorageError",
     "__version__",
     "connect",
+    "flusher_lifespan",
     "generate_key",
     "hash_key",
 ]

@@ -138,14 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: Any) -> None:
     # Imported here: the emulator and flusher pull in uvicorn and the stripe SDK, which `keys` never needs.
-    from metered_middleware import _cli_flush, _cli_ops
+    from metered_middleware import _cli_emulator, _cli_flush, _cli_ops
 
     _cli_flush.add_parsers(sub)
     _cli_ops.add_parsers(sub)
-    try:
-        from metered_middleware import _cli_emulator  # type: ignore[attr-defined]
-    except ImportError:  # INTEGRATION: the emulator lands in parallel; make this a plain import then
-        return
     _cli_emulator.add_parser(sub)
 
 

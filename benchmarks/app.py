@@ -8,7 +8,8 @@ counts through the Stripe emulator. ``benchmarks/run.py`` sets these variables f
 - ``MM_BENCH_REDIS_URL``: the Redis the middleware and the flusher use (required for the metered app);
 - ``MM_BENCH_STRIPE_URL``: the emulator's base URL (required for the metered app);
 - ``MM_BENCH_SINK`` (``meter_events``), ``MM_BENCH_STRIPE_RATE`` (``auto``: Stripe's test budget, 20/s),
-  ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``).
+  ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``), ``MM_BENCH_IN_APP_FLUSHER``
+  (``1``; ``0`` leaves the flusher out, to tell its cost from the middleware's).
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddlewa
     env = os.environ if environ is None else environ
     delivery = delivery_settings(env)
 
+    in_app_flusher = env.get("MM_BENCH_IN_APP_FLUSHER", "1") != "0"  # 0: to tell the two costs apart
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not in_app_flusher:
+            yield
+            return
         async with Flusher(delivery) as flusher, anyio.create_task_group() as tg:
             await tg.start(flusher.run)
             try:

@@ -354,6 +354,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--flush-interval", type=float, default=5.0, help="in-app flusher's interval (5 s)")
     parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
     parser.add_argument(
+        "--flusher-targets",
+        default="10000,100000",
+        help="pending targets for the flusher-alone part, comma-separated (10000,100000)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record the metered server with py-spy during round 1 (collapsed stacks written here)",
+    )
+    parser.add_argument(
         "--load-generator",
         choices=("auto", "wrk", "httpx"),
         default="auto",
@@ -425,12 +435,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in ("bare", "metered"):
                 port = free_port()
                 factory = "create_bare" if variant == "bare" else "create_metered"
-                with server(factory, port, env, workers=args.workers, cpus=app_cpus):
+                with server(factory, port, env, workers=args.workers, cpus=app_cpus) as proc:
                     url = f"http://127.0.0.1:{port}"
                     drive(url, args.warmup)
+                    spy = None
+                    if args.profile and variant == "metered" and n == 1:
+                        spy = start_profile(proc.pid, args.profile, args.duration)
                     before = command_counts(stats)
                     load = drive(url, args.duration)
                     commands = delta(before, command_counts(stats))
+                    if spy is not None:
+                        spy.wait()
                 samples.append(Sample(variant, n, load, commands))
                 print(
                     f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
@@ -449,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status:
             print("some responses were not 2xx: the figures do not measure what they claim", file=sys.stderr)
         if not args.no_flusher_part:
-            status = max(status, flusher_part(redis_server.url, emulator.url))
+            targets_list = [int(t) for t in args.flusher_targets.split(",") if t.strip()]
+            status = max(status, flusher_part(targets_list))
         return status
     finally:
         emulator.stop()
@@ -494,6 +510,12 @@ def summarize(
     out["ratio"] = {
         key: metered[key] / bare[key] if bare[key] else 0.0 for key in ("rps", "p50_ms", "p99_ms")
     }
+    # Each round's metered/bare, which the machine's drift between rounds moves less than the medians.
+    by_round: dict[int, dict[str, Load]] = {}
+    for s in samples:
+        by_round.setdefault(s.round, {})[s.variant] = s.load
+    pairs = [r for r in by_round.values() if len(r) == 2 and r["bare"].rps]
+    out["paired_rps_ratio"] = median([r["metered"].rps / r["bare"].rps for r in pairs])
     metered_samples = [s for s in samples if s.variant == "metered"]
     requests = sum(s.load.requests for s in metered_samples) or 1
     totals: dict[str, int] = {}
@@ -524,6 +546,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"| bare | {bare['rps']:.0f} | {bare['p50_ms']:.2f} | {bare['p99_ms']:.2f} |")
     print(f"| metered | {metered['rps']:.0f} | {metered['p50_ms']:.2f} | {metered['p99_ms']:.2f} |")
     print(f"| metered / bare | {ratio['rps']:.3f} | {ratio['p50_ms']:.2f} | {ratio['p99_ms']:.2f} |")
+    print(f"median of the rounds' own metered/bare throughput ratios: {summary['paired_rps_ratio']:.3f}")
     per = summary["redis_per_request"]
     print()
     print(
@@ -535,14 +558,29 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("Redis bytes per active (key, period): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
 
 
-def flusher_part(redis_url: str, stripe_url: str) -> int:
-    """The flusher alone, by its owner's script, when it exists; its exit status."""
+def flusher_part(target_counts: Sequence[int]) -> int:
+    """The flusher alone, by its owner's script (its own Redis and emulator, limits off); exit status."""
     script = ROOT / "benchmarks" / "flusher.py"
     if not script.exists():
-        print("\nflusher part skipped: benchmarks/flusher.py is not there yet")
+        print("\nflusher part skipped: benchmarks/flusher.py is not there")
         return 0
-    print("\nflusher alone (benchmarks/flusher.py):", flush=True)
-    return subprocess.run([sys.executable, str(script)], cwd=ROOT, check=False).returncode
+    status = 0
+    for count in target_counts:
+        print(
+            f"\nflusher alone, {count} pending targets (benchmarks/flusher.py --targets {count}):", flush=True
+        )
+        command = [sys.executable, str(script), "--targets", str(count)]
+        status = max(status, subprocess.run(command, cwd=ROOT, check=False).returncode)
+    return status
+
+
+def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server for one measured run (collapsed stacks), if py-spy is installed."""
+    if shutil.which("py-spy") is None:
+        print("--profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return None
+    command = ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds) - 1)), "-r", "250"]
+    return subprocess.Popen([*command, "-f", "raw", "--nonblocking", "-o", str(out)])
 
 
 if __name__ == "__main__":

@@ -205,6 +205,11 @@ class LocalCluster:
         ids = {n.master_id for n in nodes if n.role == "replica"}
         return [n.port for n in nodes if n.role == "master" and n.node_id in ids]
 
+    def pid(self, port: int) -> int:
+        """The process id of the node on ``port`` (as the node reports it)."""
+        with self._client(port) as client:
+            return int(client.info("server")["process_id"])
+
     def wait_ok(self, timeout: float = 30.0, *, replicas: int = 0) -> None:
         """Wait until every running node reports ``cluster_state:ok`` and ``replicas`` replicas are linked."""
         deadline = time.monotonic() + timeout

@@ -127,3 +127,12 @@ def test_keywords_are_validated_like_the_environment() -> None:
         Settings(fail_mode="sideways")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="METERED_KEY_HEADERS"):
         Settings(key_headers=(), key_bearer=False)
+
+
+def test_keyword_overrides_cover_every_field() -> None:
+    """The typed keyword overrides name exactly the Settings fields, so every setting can be given in code."""
+    import dataclasses
+
+    from metered_middleware._config import SettingsOverrides
+
+    assert set(SettingsOverrides.__annotations__) == {f.name for f in dataclasses.fields(Settings)}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import httpx
 import pytest
@@ -67,7 +68,9 @@ async def durable_redis() -> AsyncIterator[RedisServer]:
 
 
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
-async def test_redis_restart_mid_traffic(durable_redis: RedisServer, fail_mode: str) -> None:
+async def test_redis_restart_mid_traffic(
+    durable_redis: RedisServer, fail_mode: Literal["open", "closed"]
+) -> None:
     """Redis stopped and restarted under load: every 200 served is counted exactly once, in both modes.
 
     Open mode serves throughout and writes the buffered counts when Redis returns; closed mode answers

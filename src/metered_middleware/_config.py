@@ -7,11 +7,11 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 from metered_middleware._errors import ConfigurationError
 
-__all__ = ["DEFAULT_EXCLUDE_PATHS", "RouteWeight", "Settings", "parse_statuses"]
+__all__ = ["DEFAULT_EXCLUDE_PATHS", "RouteWeight", "Settings", "SettingsOverrides", "parse_statuses"]
 
 DEFAULT_EXCLUDE_PATHS: Final = (
     "/health",
@@ -137,6 +137,31 @@ def _check_header(name: str, value: str) -> str:
     return value.lower()
 
 
+class SettingsOverrides(TypedDict, total=False):
+    """Keyword overrides of ``Settings`` fields, typed so a misspelt or ill-typed one fails type checks."""
+
+    redis_url: str
+    namespace: str
+    shards: int
+    key_headers: tuple[str, ...]
+    key_bearer: bool
+    key_query_param: str | None
+    max_key_length: int
+    exclude_paths: tuple[str, ...]
+    count_statuses: frozenset[int]
+    route_weights: tuple[RouteWeight, ...]
+    fail_mode: Literal["open", "closed"]
+    cache_ttl: float
+    negative_cache_ttl: float
+    coalesce_window: float
+    buffer_max_targets: int
+    retry_after: int
+    key_pepper: str | None
+    key_prefix: str
+    resolver_kind: Literal["redis", "static"]
+    static_keys: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the middleware and the key registry need. Build with ``Settings.from_env()`` or keywords.
@@ -163,7 +188,7 @@ class Settings:
     retry_after: int = 5
     key_pepper: str | None = None
     key_prefix: str = "mk_"
-    resolver: Literal["redis", "static"] = "redis"
+    resolver_kind: Literal["redis", "static"] = "redis"
     static_keys: str | None = None
 
     def __post_init__(self) -> None:
@@ -192,9 +217,9 @@ class Settings:
             )
         if self.fail_mode not in ("open", "closed"):
             raise ConfigurationError("METERED_FAIL_MODE", self.fail_mode, "'open' or 'closed'")
-        if self.resolver not in ("redis", "static"):
-            raise ConfigurationError("METERED_RESOLVER", self.resolver, "'redis' or 'static'")
-        if self.resolver == "static" and not self.static_keys:
+        if self.resolver_kind not in ("redis", "static"):
+            raise ConfigurationError("METERED_RESOLVER", self.resolver_kind, "'redis' or 'static'")
+        if self.resolver_kind == "static" and not self.static_keys:
             raise ConfigurationError(
                 "METERED_STATIC_KEYS",
                 self.static_keys,
@@ -215,7 +240,9 @@ class Settings:
             raise ConfigurationError("METERED_KEY_PREFIX", self.key_prefix, "up to 16 letters, digits or '_'")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Unpack[SettingsOverrides]
+    ) -> Settings:
         """Read every ``METERED_*`` variable (``REDIS_URL`` as a fallback); keyword overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -257,12 +284,12 @@ class Settings:
         take("METERED_RETRY_AFTER", "retry_after", lambda n, r: _parse_int(n, r, 1, 3600))
         take("METERED_KEY_PEPPER", "key_pepper", lambda _n, r: r)
         take("METERED_KEY_PREFIX", "key_prefix", lambda _n, r: r.strip())
-        take("METERED_RESOLVER", "resolver", _parse_choice(("redis", "static")))
+        take("METERED_RESOLVER", "resolver_kind", _parse_choice(("redis", "static")))
         take("METERED_STATIC_KEYS", "static_keys", lambda _n, r: r)
         values.update(overrides)
         return cls(**values)
 
-    def replace(self, **changes: Any) -> Settings:
+    def replace(self, **changes: Unpack[SettingsOverrides]) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -6,12 +6,13 @@ import contextlib
 import fnmatch
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Unpack
 
 import redis.asyncio as aioredis
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metered_middleware._config import Settings
+from metered_middleware._config import Settings, SettingsOverrides
 from metered_middleware._counter import Counter
 from metered_middleware._errors import StorageError
 from metered_middleware._keys import KeyError_, extract_key
@@ -25,11 +26,6 @@ from metered_middleware._target import BillingTarget
 
 __all__ = ["MeteringMiddleware"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("metered_middleware")
 
@@ -59,8 +55,8 @@ class MeteringMiddleware:
         settings: Settings | None = None,
         resolver: Resolver | None = None,
         redis: aioredis.Redis | None = None,
-        environ: MutableMapping[str, str] | None = None,
-        **overrides: Any,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Unpack[SettingsOverrides],
     ) -> None:
         self.app = app
         if settings is None:
@@ -78,7 +74,7 @@ class MeteringMiddleware:
             max_targets=settings.buffer_max_targets,
         )
         if resolver is None:
-            if settings.resolver == "static":
+            if settings.resolver_kind == "static":
                 assert settings.static_keys is not None  # guaranteed by Settings validation
                 resolver = StaticResolver.from_setting(settings.static_keys, pepper=settings.key_pepper)
             else:

@@ -26,3 +26,11 @@ def test_py_typed_ships() -> None:
 
     assert files("metered_middleware").joinpath("py.typed").is_file()
     assert files("metered_middleware").joinpath("lua/count.lua").is_file()
+
+
+def test_metrics_surface_imports() -> None:
+    """The metrics module (metrics extra) exposes its public names."""
+    from metered_middleware import metrics
+
+    for name in metrics.__all__:
+        assert getattr(metrics, name).__doc__

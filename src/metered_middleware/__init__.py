@@ -11,10 +11,13 @@ from metered_middleware._delivery import DeadLetter, DeliveryStore, LeaseLostErr
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import ConfigurationError, MeteringError, StorageError
 from metered_middleware._flusher import Flusher, FlushReport
+from metered_middleware._inspect import ShardStatus, TargetUsage, read_shards, target_usage
 from metered_middleware._keys import generate_key, hash_key
 from metered_middleware._layout import Layout
 from metered_middleware._lifespan import flusher_lifespan
+from metered_middleware._logging import JsonFormatter, KeyRedactingFilter, configure_logging, key_reference
 from metered_middleware._middleware import MeteringMiddleware
+from metered_middleware._reconcile import ReconcileLine, ReconcileReport, reconcile
 from metered_middleware._redis import connect
 from metered_middleware._registry import IssuedKey, KeyRecord, KeyRegistry
 from metered_middleware._resolver import CachingResolver, CallableResolver, Resolver, StaticResolver
@@ -39,23 +42,34 @@ __all__ = [
     "FlushReport",
     "Flusher",
     "IssuedKey",
+    "JsonFormatter",
     "KeyRecord",
+    "KeyRedactingFilter",
     "KeyRegistry",
     "Layout",
     "LeaseLostError",
     "MeteringError",
     "MeteringMiddleware",
     "Outcome",
+    "ReconcileLine",
+    "ReconcileReport",
     "Resolver",
     "RouteWeight",
     "SendLine",
     "Settings",
+    "ShardStatus",
     "Sink",
     "StaticResolver",
     "StorageError",
+    "TargetUsage",
     "__version__",
+    "configure_logging",
     "connect",
     "flusher_lifespan",
     "generate_key",
     "hash_key",
+    "key_reference",
+    "read_shards",
+    "reconcile",
+    "target_usage",
 ]

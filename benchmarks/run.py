@@ -352,6 +352,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", default="meter_events", help="the in-app flusher's sink (meter_events)")
     parser.add_argument("--stripe-rate", default="auto", help="in-app flusher's Stripe rate limit (auto)")
     parser.add_argument("--flush-interval", type=float, default=5.0, help="in-app flusher's interval (5 s)")
+    parser.add_argument(
+        "--no-in-app-flusher",
+        action="store_true",
+        help="leave the flusher out of the metered app (to tell its cost from the middleware's)",
+    )
     parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
     parser.add_argument(
         "--flusher-targets",
@@ -422,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "MM_BENCH_SINK": args.sink,
             "MM_BENCH_STRIPE_RATE": args.stripe_rate,
             "MM_BENCH_FLUSH_INTERVAL": str(args.flush_interval),
+            "MM_BENCH_IN_APP_FLUSHER": "0" if args.no_in_app_flusher else "1",
         }
         stats = redis.Redis.from_url(redis_server.url)
 

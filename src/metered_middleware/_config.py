@@ -5,11 +5,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict, Unpack
 
 from metered_middleware._errors import ConfigurationError
+from metered_middleware._parse import (
+    check_store,
+    parse_bool,
+    parse_choice,
+    parse_int,
+    parse_list,
+    parse_seconds,
+    read_store,
+    taker,
+)
 
 __all__ = ["DEFAULT_EXCLUDE_PATHS", "RouteWeight", "Settings", "SettingsOverrides", "parse_statuses"]
 
@@ -27,7 +37,6 @@ DEFAULT_EXCLUDE_PATHS: Final = (
     "/openapi.json",
     "/favicon.ico",
 )
-_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _HEADER_RE: Final = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
 
@@ -41,52 +50,11 @@ class RouteWeight:
     weight: int
 
 
-def _parse_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigurationError(name, raw, "a boolean: true/false, 1/0, yes/no or on/off")
-
-
-def _parse_int(name: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigurationError(name, raw, f"an integer from {low} to {high}") from None
-    if not low <= value <= high:
-        raise ConfigurationError(name, raw, f"an integer from {low} to {high}")
-    return value
-
-
-def _parse_seconds(name: str, raw: str, low: float, high: float) -> float:
-    text = raw.strip().lower()
-    scale = 1.0
-    if text.endswith("ms"):
-        text, scale = text[:-2], 0.001
-    elif text.endswith("s"):
-        text = text[:-1]
-    try:
-        value = float(text) * scale
-    except ValueError:
-        raise ConfigurationError(
-            name, raw, f"a duration in seconds (or with 'ms'), from {low} to {high} s"
-        ) from None
-    if not low <= value <= high or value != value:  # NaN fails both comparisons
-        raise ConfigurationError(name, raw, f"a duration in seconds (or with 'ms'), from {low} to {high} s")
-    return value
-
-
-def _parse_list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in re.split(r"[,;\n]", raw) if part.strip())
-
-
 def parse_statuses(name: str, raw: str) -> frozenset[int]:
     """Parse ``2xx,3xx``, ``200-299`` or ``201,204`` into the set of statuses that count."""
     allowed = "comma-separated classes (2xx), ranges (200-299) or codes (204) between 100 and 599"
     statuses: set[int] = set()
-    for part in _parse_list(raw):
+    for part in parse_list(raw):
         token = part.lower()
         if re.fullmatch(r"[1-5]xx", token):
             base = int(token[0]) * 100
@@ -108,7 +76,7 @@ def parse_statuses(name: str, raw: str) -> frozenset[int]:
 def _parse_weights(name: str, raw: str) -> tuple[RouteWeight, ...]:
     allowed = "rules like 'GET /v1/fonts/*/subset=5' or '/v1/export/*=10', separated by ',' or ';'"
     rules: list[RouteWeight] = []
-    for part in _parse_list(raw):
+    for part in parse_list(raw):
         target, sep, weight_text = part.rpartition("=")
         if not sep:
             raise ConfigurationError(name, raw, allowed)
@@ -192,18 +160,7 @@ class Settings:
     static_keys: str | None = None
 
     def __post_init__(self) -> None:
-        if not _NAMESPACE_RE.fullmatch(self.namespace):
-            raise ConfigurationError(
-                "METERED_NAMESPACE", self.namespace, "1 to 32 letters, digits, '_', '.' or '-'"
-            )
-        if not 1 <= self.shards <= 1024:
-            raise ConfigurationError("METERED_SHARDS", self.shards, "an integer from 1 to 1024")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-            raise ConfigurationError(
-                "METERED_REDIS_URL",
-                self.redis_url,
-                "a URL starting with redis://, rediss://, unix:// or redis+cluster://",
-            )
+        check_store(self.redis_url, self.namespace, self.shards)
         object.__setattr__(
             self,
             "key_headers",
@@ -247,44 +204,36 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
 
-        def take(var: str, attr: str, parse: Callable[[str, str], Any]) -> None:
-            raw = env.get(var)
-            if raw is not None and raw.strip() != "":
-                values[attr] = parse(var, raw)
-
-        redis_url = env.get("METERED_REDIS_URL") or env.get("REDIS_URL")
-        if redis_url:
-            values["redis_url"] = redis_url.strip()
-        take("METERED_NAMESPACE", "namespace", lambda _n, r: r.strip())
-        take("METERED_SHARDS", "shards", lambda n, r: _parse_int(n, r, 1, 1024))
+        read_store(env, values)
+        take = taker(env, values)
         take(
             "METERED_KEY_HEADERS",
             "key_headers",
-            lambda n, r: tuple(_check_header(n, h) for h in _parse_list(r)),
+            lambda n, r: tuple(_check_header(n, h) for h in parse_list(r)),
         )
-        take("METERED_KEY_BEARER", "key_bearer", _parse_bool)
+        take("METERED_KEY_BEARER", "key_bearer", parse_bool)
         take("METERED_KEY_QUERY_PARAM", "key_query_param", lambda _n, r: r.strip())
-        take("METERED_MAX_KEY_LENGTH", "max_key_length", lambda n, r: _parse_int(n, r, 16, 4096))
-        take("METERED_EXCLUDE_PATHS", "exclude_paths", lambda _n, r: _parse_list(r))
+        take("METERED_MAX_KEY_LENGTH", "max_key_length", lambda n, r: parse_int(n, r, 16, 4096))
+        take("METERED_EXCLUDE_PATHS", "exclude_paths", lambda _n, r: parse_list(r))
         take("METERED_COUNT_STATUSES", "count_statuses", parse_statuses)
         take("METERED_ROUTE_WEIGHTS", "route_weights", _parse_weights)
-        take("METERED_FAIL_MODE", "fail_mode", _parse_choice(("open", "closed")))
-        take("METERED_CACHE_TTL", "cache_ttl", lambda n, r: _parse_seconds(n, r, 0, 86_400))
+        take("METERED_FAIL_MODE", "fail_mode", parse_choice(("open", "closed")))
+        take("METERED_CACHE_TTL", "cache_ttl", lambda n, r: parse_seconds(n, r, 0, 86_400))
         take(
             "METERED_NEGATIVE_CACHE_TTL",
             "negative_cache_ttl",
-            lambda n, r: _parse_seconds(n, r, 0, 3_600),
+            lambda n, r: parse_seconds(n, r, 0, 3_600),
         )
-        take("METERED_COALESCE_WINDOW", "coalesce_window", lambda n, r: _parse_seconds(n, r, 0, 1))
+        take("METERED_COALESCE_WINDOW", "coalesce_window", lambda n, r: parse_seconds(n, r, 0, 1))
         take(
             "METERED_BUFFER_MAX_TARGETS",
             "buffer_max_targets",
-            lambda n, r: _parse_int(n, r, 1, 10_000_000),
+            lambda n, r: parse_int(n, r, 1, 10_000_000),
         )
-        take("METERED_RETRY_AFTER", "retry_after", lambda n, r: _parse_int(n, r, 1, 3600))
+        take("METERED_RETRY_AFTER", "retry_after", lambda n, r: parse_int(n, r, 1, 3600))
         take("METERED_KEY_PEPPER", "key_pepper", lambda _n, r: r)
         take("METERED_KEY_PREFIX", "key_prefix", lambda _n, r: r.strip())
-        take("METERED_RESOLVER", "resolver_kind", _parse_choice(("redis", "static")))
+        take("METERED_RESOLVER", "resolver_kind", parse_choice(("redis", "static")))
         take("METERED_STATIC_KEYS", "static_keys", lambda _n, r: r)
         values.update(overrides)
         return cls(**values)
@@ -292,13 +241,3 @@ class Settings:
     def replace(self, **changes: Unpack[SettingsOverrides]) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ConfigurationError(name, raw, " or ".join(repr(c) for c in choices))
-        return value
-
-    return parse

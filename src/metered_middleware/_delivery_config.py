@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from metered_middleware._errors import ConfigurationError
+from metered_middleware._parse import check_store, parse_int, parse_seconds, read_store, taker
 
 __all__ = ["SINKS", "DeliverySettings", "SinkName"]
 
@@ -21,33 +22,6 @@ _VERSION_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
 # Stripe's documented request budgets: 25/s in test mode and 100/s live, with headroom for other callers.
 TEST_RATE: Final = 20.0
 LIVE_RATE: Final = 80.0
-
-
-def _int(name: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigurationError(name, raw, f"an integer from {low} to {high}") from None
-    if not low <= value <= high:
-        raise ConfigurationError(name, raw, f"an integer from {low} to {high}")
-    return value
-
-
-def _seconds(name: str, raw: str, low: float, high: float) -> float:
-    text = raw.strip().lower()
-    scale = 1.0
-    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if text.endswith(suffix):
-            text, scale = text[: -len(suffix)], factor
-            break
-    allowed = f"a duration in seconds (or with ms/s/m/h), from {low} to {high} s"
-    try:
-        value = float(text) * scale
-    except ValueError:
-        raise ConfigurationError(name, raw, allowed) from None
-    if not low <= value <= high:  # NaN fails too
-        raise ConfigurationError(name, raw, allowed)
-    return value
 
 
 def _rate(name: str, raw: str) -> float | None:
@@ -108,18 +82,7 @@ class DeliverySettings:
                 _redact(self.stripe_api_key),
                 "a secret key sk_test_…/sk_live_… (or rk_)",
             )
-        if not _NAMESPACE_RE.fullmatch(self.namespace):
-            raise ConfigurationError(
-                "METERED_NAMESPACE", self.namespace, "1 to 32 letters, digits, '_', '.' or '-'"
-            )
-        if not 1 <= self.shards <= 1024:
-            raise ConfigurationError("METERED_SHARDS", self.shards, "an integer from 1 to 1024")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-            raise ConfigurationError(
-                "METERED_REDIS_URL",
-                self.redis_url,
-                "a URL starting with redis://, rediss://, unix:// or redis+cluster://",
-            )
+        check_store(self.redis_url, self.namespace, self.shards)
         if self.sink not in SINKS:
             raise ConfigurationError("METERED_SINK", self.sink, " or ".join(SINKS))
         if self.meter_event_name is not None and not re.fullmatch(
@@ -175,32 +138,24 @@ class DeliverySettings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {"stripe_api_key": env.get("STRIPE_API_KEY", "").strip()}
 
-        def take(var: str, attr: str, parse: Callable[[str, str], Any]) -> None:
-            raw = env.get(var)
-            if raw is not None and raw.strip() != "":
-                values[attr] = parse(var, raw)
-
-        redis_url = env.get("METERED_REDIS_URL") or env.get("REDIS_URL")
-        if redis_url:
-            values["redis_url"] = redis_url.strip()
-        take("METERED_NAMESPACE", "namespace", lambda _n, r: r.strip())
-        take("METERED_SHARDS", "shards", lambda n, r: _int(n, r, 1, 1024))
+        read_store(env, values)
+        take = taker(env, values)
         take("METERED_SINK", "sink", _choice(SINKS))
         take("METERED_METER_EVENT_NAME", "meter_event_name", lambda _n, r: r.strip())
-        take("METERED_FLUSH_INTERVAL", "flush_interval", lambda n, r: _seconds(n, r, 0.01, 86_400))
+        take("METERED_FLUSH_INTERVAL", "flush_interval", lambda n, r: parse_seconds(n, r, 0.01, 86_400))
         take("METERED_STRIPE_API_BASE", "api_base", _url)
         take("METERED_STRIPE_METER_EVENTS_BASE", "meter_events_base", _url)
         take("METERED_LEGACY_API_VERSION", "legacy_api_version", lambda _n, r: r.strip())
         take("METERED_RATE_LIMIT", "rate_limit", _rate)
-        take("METERED_MAX_CONCURRENCY", "max_concurrency", lambda n, r: _int(n, r, 1, 1_000))
-        take("METERED_SHUTDOWN_GRACE", "shutdown_grace", lambda n, r: _seconds(n, r, 0, 3_600))
-        take("METERED_STALE_AFTER", "stale_after", lambda n, r: _seconds(n, r, 1, 23 * 3600))
-        take("METERED_LEASE_TTL", "lease_ttl", lambda n, r: _seconds(n, r, 0.2, 3_600))
-        take("METERED_FLUSH_BATCH_SIZE", "batch_size", lambda n, r: _int(n, r, 1, 10_000))
-        take("METERED_STRIPE_TIMEOUT", "request_timeout", lambda n, r: _seconds(n, r, 0.1, 600))
-        take("METERED_RETRY_ATTEMPTS", "retry_attempts", lambda n, r: _int(n, r, 1, 1_000))
-        take("METERED_RETRY_BACKOFF", "retry_backoff", lambda n, r: _seconds(n, r, 0, 600))
-        take("METERED_RETRY_BACKOFF_MAX", "retry_backoff_max", lambda n, r: _seconds(n, r, 0, 3_600))
+        take("METERED_MAX_CONCURRENCY", "max_concurrency", lambda n, r: parse_int(n, r, 1, 1_000))
+        take("METERED_SHUTDOWN_GRACE", "shutdown_grace", lambda n, r: parse_seconds(n, r, 0, 3_600))
+        take("METERED_STALE_AFTER", "stale_after", lambda n, r: parse_seconds(n, r, 1, 23 * 3600))
+        take("METERED_LEASE_TTL", "lease_ttl", lambda n, r: parse_seconds(n, r, 0.2, 3_600))
+        take("METERED_FLUSH_BATCH_SIZE", "batch_size", lambda n, r: parse_int(n, r, 1, 10_000))
+        take("METERED_STRIPE_TIMEOUT", "request_timeout", lambda n, r: parse_seconds(n, r, 0.1, 600))
+        take("METERED_RETRY_ATTEMPTS", "retry_attempts", lambda n, r: parse_int(n, r, 1, 1_000))
+        take("METERED_RETRY_BACKOFF", "retry_backoff", lambda n, r: parse_seconds(n, r, 0, 600))
+        take("METERED_RETRY_BACKOFF_MAX", "retry_backoff_max", lambda n, r: parse_seconds(n, r, 0, 3_600))
         values.update(overrides)
         return cls(**values)
 

@@ -76,16 +76,8 @@ class KeyRegistry:
 
     async def resolve(self, key: str) -> BillingTarget | None:
         """The target of a key, or None when the registry does not know it (revoked keys are returned)."""
-        return await self._load(hash_key(key, self.pepper))
-
-    async def _load(self, key_hash: str) -> BillingTarget | None:
-        try:
-            raw = await self.redis.hgetall(self.layout.key(key_hash))
-        except (RedisError, OSError) as exc:
-            raise StorageError(f"key lookup failed: {exc}") from exc
-        if not raw:
-            return None
-        return BillingTarget.from_fields(_decode(raw))
+        record = await self._record(hash_key(key, self.pepper))
+        return None if record is None else record.target
 
     async def _hash_of(self, key_or_id: str) -> str | None:
         """Accept a key, a key id, or a full hash, and return the stored hash."""

@@ -13,7 +13,14 @@ import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
-from metered_middleware import BillingTarget, CountStore, KeyRegistry, MeteringMiddleware, StaticResolver
+from metered_middleware import (
+    BillingTarget,
+    CallableResolver,
+    CountStore,
+    KeyRegistry,
+    MeteringMiddleware,
+    StaticResolver,
+)
 from tests.helpers import Lifespan, make_app, pending_totals, websocket_session
 
 pytestmark = pytest.mark.anyio
@@ -288,3 +295,19 @@ async def test_lifespan_passes_through_and_shutdown_flushes(redis_client: aiored
     assert events == ["startup", "shutdown"]
     assert await pending_totals(redis_client, h.metered.layout) == {TARGET.target_id: 1}
     await h.http.aclose()
+
+
+async def test_a_failing_resolver_is_a_503_not_a_500(redis_client: aioredis.Redis) -> None:
+    """Whatever a resolver raises reaches the caller as metering_unavailable, never a 500 or a traceback."""
+
+    async def broken(key: str) -> BillingTarget | None:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    metered = MeteringMiddleware(
+        make_app(), redis=redis_client, environ={}, resolver=CallableResolver(broken)
+    )
+    transport = httpx.ASGITransport(app=metered, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        r = await http.get("/v1/hello", headers={"X-API-Key": "mk_any"})
+    assert_error(r, 503, "metering_unavailable")
+    await metered.aclose()

@@ -187,6 +187,11 @@ class Counter:
                 delay = base
             except StorageError:
                 delay = min(delay * 2, 1.0)
+            except Exception:
+                # This task is the only thing that writes counts: it must outlive any surprise, loudly.
+                log.exception("unexpected error writing counts; retrying")
+                self.stats.write_errors += 1
+                delay = min(delay * 2, 1.0)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def aclose(self, timeout: float = 10.0) -> None:

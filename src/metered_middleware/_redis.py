@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
-__all__ = ["connect"]
+__all__ = ["REDIS_FAILURES", "connect"]
+
+# What a Redis call can fail with. AttributeError belongs here because redis-py's asyncio cluster client
+# raises "'NoneType' object has no attribute 'writelines'" when a connection is torn down under concurrent
+# use: a transport failure like any other, to be retried, never a 500.
+REDIS_FAILURES = (RedisError, OSError, AttributeError)
 
 
 def connect(url: str) -> aioredis.Redis:

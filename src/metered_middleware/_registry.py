@@ -9,11 +9,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from metered_middleware._errors import StorageError
 from metered_middleware._keys import generate_key, hash_key, key_id_of
 from metered_middleware._layout import Layout
+from metered_middleware._redis import REDIS_FAILURES
 from metered_middleware._target import BillingTarget
 
 __all__ = ["IssuedKey", "KeyRecord", "KeyRegistry"]
@@ -88,7 +88,7 @@ class KeyRegistry:
             key_hash = hash_key(key_or_id, self.pepper)
             if await self.redis.exists(self.layout.key(key_hash)):
                 return key_hash
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"key lookup failed: {exc}") from exc
         return None
 
@@ -110,7 +110,7 @@ class KeyRegistry:
                 if target.subscription:
                     pipe.sadd(self.layout.subscription_keys(target.subscription), key_hash)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"creating a key failed: {exc}") from exc
         return IssuedKey(key, KeyRecord(key_id, stored, now, None, label))
 
@@ -124,7 +124,7 @@ class KeyRegistry:
             # HSETNX keeps the first revocation time when a key is revoked twice.
             await self.redis.hset(self.layout.key(key_hash), "revoked", "1")
             await self.redis.hsetnx(self.layout.key(key_hash), "revoked_at", str(now))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"revoking a key failed: {exc}") from exc
         return await self._record(key_hash)
 
@@ -143,7 +143,7 @@ class KeyRegistry:
     async def _record(self, key_hash: str) -> KeyRecord | None:
         try:
             raw = await self.redis.hgetall(self.layout.key(key_hash))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"key lookup failed: {exc}") from exc
         if not raw:
             return None
@@ -169,7 +169,7 @@ class KeyRegistry:
                 hashes = [_text(h) for h in await self.redis.smembers(self.layout.customer_keys(customer))]
             else:
                 hashes = [_text(h) for h in await self.redis.hvals(self.layout.key_ids())]
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"listing keys failed: {exc}") from exc
         records = [r for h in hashes if (r := await self._record(h)) is not None]
         return sorted(records, key=lambda r: (r.created, r.key_id))
@@ -206,6 +206,6 @@ class KeyRegistry:
                 for key_hash in hashes:
                     pipe.hset(self.layout.key(_text(key_hash)), mapping=fields)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"updating subscription {subscription} failed: {exc}") from exc
         return len(hashes)

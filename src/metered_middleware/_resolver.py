@@ -132,7 +132,14 @@ class CachingResolver:
         self._inflight[digest] = future
         try:
             try:
-                target = await self.inner.resolve(key)
+                try:
+                    target = await self.inner.resolve(key)
+                except (StorageError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    # A resolver's own failure (a user callable, a client-library bug under load) must reach
+                    # the caller as "metering unavailable", never as a 500 with a stack trace.
+                    raise StorageError(f"resolver failed: {type(exc).__name__}") from exc
             except StorageError:
                 stale = self._entries.get(digest)
                 if stale is not None and stale[1] is not None:

@@ -11,10 +11,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
+from metered_middleware._redis import REDIS_FAILURES
 from metered_middleware._scripts import script_source
 from metered_middleware._target import BillingTarget
 
@@ -136,7 +136,7 @@ class CountStore:
                     keys, args = self._keys_and_args(write)
                     await self._count(keys=keys, args=args, client=pipe)
                 results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"count write failed: {exc}") from exc
         return [r if isinstance(r, BaseException) else True for r in results]
 
@@ -151,7 +151,7 @@ class CountStore:
         try:
             # Learn the slot map before writing concurrently: racing first commands can trip the client.
             await self.redis.initialize()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"count write failed: {exc}") from exc
         results = await asyncio.gather(*(one(w) for w in writes), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -169,7 +169,7 @@ class CountStore:
                 for field, value in raw.items():
                     key = field.decode() if isinstance(field, bytes) else field
                     total[key] = total.get(key, 0) + int(value)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"reading pending counts failed: {exc}") from exc
         return total
 
@@ -180,6 +180,6 @@ class CountStore:
         shard = self.layout.shard_of(target.target_id)
         try:
             value = await self.redis.hget(self.layout.usage(shard, target.period_start), target.target_id)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"reading usage failed: {exc}") from exc
         return int(value or 0)

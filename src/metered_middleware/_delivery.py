@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from metered_middleware._errors import MeteringError, StorageError
 from metered_middleware._layout import Layout
+from metered_middleware._redis import REDIS_FAILURES
 from metered_middleware._scripts import script_source
 
 __all__ = [
@@ -138,7 +138,7 @@ class DeliveryStore:
     async def _call(self, what: str, op: Awaitable[_T]) -> _T:
         try:
             return await op
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StorageError(f"{what} failed: {exc}") from exc
 
     # -- leases ------------------------------------------------------------------------------------

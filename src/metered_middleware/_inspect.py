@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
+from metered_middleware._redis import REDIS_FAILURES
 
 __all__ = ["ShardStatus", "TargetUsage", "read_shards", "redis_time_ms", "target_usage"]
 
@@ -96,7 +96,7 @@ async def read_shards(redis: aioredis.Redis, layout: Layout) -> list[ShardStatus
     try:
         now_ms = await redis_time_ms(redis)
         return [await _read_shard(redis, layout, shard, now_ms) for shard in range(layout.shards)]
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise StorageError(f"reading shard status failed: {exc}") from exc
 
 
@@ -161,7 +161,7 @@ async def target_usage(
             if entry["target"] == target_id and _period_meta(entry.get("meta")).get("period_start") == start:
                 dead += int(entry["units"])
         delivered_all_time = int(await redis.hget(layout.delivered(shard), target_id) or 0)
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise StorageError(f"reading usage of {target_id} failed: {exc}") from exc
     return TargetUsage(
         target_id=target_id,

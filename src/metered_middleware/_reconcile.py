@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import stripe
-from redis.exceptions import RedisError
 
 from metered_middleware._delivery import DeadLetter, DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import MeteringError, StorageError
 from metered_middleware._inspect import target_usage
 from metered_middleware._layout import Layout
+from metered_middleware._redis import REDIS_FAILURES
 from metered_middleware._target import parse_target_id
 
 __all__ = ["ReconcileLine", "ReconcileReport", "reconcile"]
@@ -240,6 +240,6 @@ async def reconcile(
                     look_at=_look_at(target_id, mine, in_flight),
                 )
             )
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise StorageError(f"reading the ledger failed: {exc}") from exc
     return ReconcileReport(period, settings.sink, lines)

@@ -263,6 +263,34 @@ class StripeEmulator:
         self._webhooks.wait()
         return result
 
+    def seed_customers(
+        self, count: int, *, price: str | None = None, stripe_version: str | None = None
+    ) -> list[tuple[str, str | None]]:
+        """Create `count` customers in one call, each subscribed to `price` when given: a bulk
+        fixture for throughput runs (100,000 targets without 200,000 HTTP requests).
+
+        Objects are made by the same code the API routes run (events emitted, first invoices
+        finalized); `stripe_version` matters for legacy metered prices, as on the API. Returns
+        (customer id, first subscription item id or None) per customer.
+        """
+        # Imported here: the subscription module pulls in billing, which the handle need not load.
+        from ._resources import create_customer
+        from ._subscriptions import create_subscription_obj
+
+        out: list[tuple[str, str | None]] = []
+        with self.state.lock:
+            ctx = Ctx(self.state, stripe_version, "req_seed_helper")
+            for _ in range(count):
+                customer = create_customer(ctx, {}, ())
+                item: str | None = None
+                if price is not None:
+                    sub = create_subscription_obj(
+                        ctx, {"customer": customer["id"], "items": [{"price": price}]}
+                    )
+                    item = sub["_item_ids"][0]
+                out.append((customer["id"], item))
+        return out
+
     # -- inspection -------------------------------------------------------------------------------
 
     def usage_record_total(self, subscription_item: str, *, period_start: int | None = None) -> int:

@@ -133,8 +133,9 @@ class MeteringMiddleware:
         if not fresh:
             try:
                 target = await self.resolver.resolve_miss(key, digest)
-            except StorageError:
-                log.warning("key resolution unavailable: Redis is not answering")
+            except StorageError as exc:
+                # Name the failure by type only: a user resolver's own exception text could hold the key.
+                log.warning("key resolution unavailable: %s", type(exc.__cause__ or exc).__name__)
                 return "metering_unavailable"
         if target is None:
             return "api_key_invalid"

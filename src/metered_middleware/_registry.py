@@ -13,7 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from metered_middleware._errors import StorageError
 from metered_middleware._keys import generate_key, hash_key, key_id_of
 from metered_middleware._layout import Layout
-from metered_middleware._redis import REDIS_FAILURES
+from metered_middleware._redis import REDIS_FAILURES, read_with_retry
 from metered_middleware._target import BillingTarget
 
 __all__ = ["IssuedKey", "KeyRecord", "KeyRegistry"]
@@ -142,7 +142,7 @@ class KeyRegistry:
 
     async def _record(self, key_hash: str) -> KeyRecord | None:
         try:
-            raw = await self.redis.hgetall(self.layout.key(key_hash))
+            raw = await read_with_retry(lambda: self.redis.hgetall(self.layout.key(key_hash)))
         except REDIS_FAILURES as exc:
             raise StorageError(f"key lookup failed: {exc}") from exc
         if not raw:

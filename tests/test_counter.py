@@ -95,3 +95,28 @@ async def test_counts_survive_redis_refusing_until_it_returns(redis_url: str) ->
     await counter.aclose()
     await dead.aclose()
     await live.aclose()
+
+
+async def test_one_write_carries_lines_of_several_periods_and_none(redis_client: aioredis.Redis) -> None:
+    """Lines framed per usage hash land in pending and in their own period's usage; metadata once."""
+    layout = Layout("mm", 1)
+    store = CountStore(redis_client, layout)
+    later = BillingTarget(customer="cus_c", period_start=NOW + 100, period_end=NOW + 200)
+    write = CountWrite(0, "w1", 1, [(A, 3), (B, 2), (later, 5)])
+    assert await store.apply([write]) == [True]
+    assert await pending_totals(redis_client, layout) == {A.target_id: 3, B.target_id: 2, later.target_id: 5}
+    assert await store.period_usage(A) == 3
+    assert await store.period_usage(later) == 5
+    assert await redis_client.hlen(layout.targets(0)) == 3
+    again = CountWrite(0, "w1", 2, [(A, 1)])
+    assert await store.apply([again]) == [True]
+    # writer, seq, one usage hash and its expiry, two line groups; unchanged metadata is not resent
+    assert len(store._keys_and_args(again)[1]) == 6
+    assert await store.period_usage(A) == 4
+
+
+def test_control_characters_are_refused_in_target_fields() -> None:
+    """Count writes frame target ids with tabs and newlines, so no field may carry one."""
+    for bad in ("cus_a\n", "cus\ta", "cus_\x00"):
+        with pytest.raises(ValueError, match="control characters"):
+            BillingTarget(customer=bad)

@@ -75,9 +75,9 @@ class CountStore:
         self.layout = layout
         self.usage_retention = usage_retention
         self._count = redis.register_script(script_source("count"))
-        # target id -> (the metadata this store last sent for it, when): unchanged metadata is not resent
-        # every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
-        self._meta_sent: dict[str, tuple[tuple[str | None, int | None, int | None, str | None], float]] = {}
+        # target id -> (the target whose metadata this store last sent, when): unchanged metadata is not
+        # resent every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
+        self._meta_sent: dict[str, tuple[BillingTarget, float]] = {}
 
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
         if write.encoded is not None:
@@ -92,7 +92,9 @@ class CountStore:
         ]
         usage_index: dict[int, int] = {}
         expire_at: list[int] = []
-        line_args: list[Any] = []
+        # One text argument per usage hash ("target\tunits\n" a line; index 0: lines without a period).
+        groups: list[list[str]] = [[]]
+        meta_args: list[str] = []
         sent = self._meta_sent
         if len(sent) > 1_000_000:
             sent.clear()  # bounded: at worst every target's metadata is sent once more
@@ -100,25 +102,40 @@ class CountStore:
         fresh_after = now - META_RESEND
         retention = self.usage_retention
         for target, units in write.lines:
-            index = 0
+            target_id = target.target_id
             start, end = target.period_start, target.period_end
             if start is not None and end is not None:
                 index = usage_index.get(start, 0)
                 if not index:
                     keys.append(layout.usage(shard, start))
-                    index = usage_index[start] = len(keys)
+                    index = usage_index[start] = len(expire_at) + 1
                     expire_at.append(end + retention)
-                elif end + retention > expire_at[index - 5]:
-                    expire_at[index - 5] = end + retention
-            meta_key = _meta_key(target)
-            last = sent.get(target.target_id)
-            if last is not None and last[0] == meta_key and last[1] > fresh_after:
-                meta = ""
+                    groups.append([])
+                elif end + retention > expire_at[index - 1]:
+                    expire_at[index - 1] = end + retention
+                groups[index].append(f"{target_id}\t{units}\n")
             else:
-                meta = target_metadata(target)
-                sent[target.target_id] = (meta_key, now)
-            line_args += (target.target_id, units, index, meta)
-        write.encoded = keys, [write.writer, write.seq, len(expire_at), *expire_at, *line_args]
+                groups[0].append(f"{target_id}\t{units}\n")
+            last = sent.get(target_id)
+            # The cache hands out one target object per key: identity is the cheap common case.
+            if (
+                last is None
+                or last[1] <= fresh_after
+                or (last[0] is not target and _meta_key(last[0]) != _meta_key(target))
+            ):
+                meta_args += (target_id, target_metadata(target))
+                sent[target_id] = (target, now)
+        write.encoded = (
+            keys,
+            [
+                write.writer,
+                write.seq,
+                len(expire_at),
+                *expire_at,
+                *("".join(group) for group in groups),
+                *meta_args,
+            ],
+        )
         return write.encoded
 
     async def apply(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:

@@ -53,8 +53,9 @@ class BillingTarget:
     def __post_init__(self) -> None:
         for name in ("customer", "subscription_item", "meter_event_name"):
             value = getattr(self, name)
-            if value is not None and _SEP in value:
-                msg = f"{name} must not contain {_SEP!r}: {value!r}"
+            if value is not None and (_SEP in value or not value.isprintable()):
+                # Control characters too: count writes frame target ids with tabs and newlines.
+                msg = f"{name} must not contain {_SEP!r} or control characters: {value!r}"
                 raise ValueError(msg)
         # The counting key: all a flusher needs to address Stripe, derived once, stable across processes.
         object.__setattr__(

@@ -3,8 +3,10 @@
 -- KEYS[5..4+U] per-period usage hashes
 -- ARGV[1] writer id, ARGV[2] seq (a retried write repeats it), ARGV[3] U, the number of usage hashes,
 -- ARGV[4..3+U] when each usage hash expires (its period's end plus the retention),
--- then four values a line: target id, units, usage key index (0: no period), target metadata JSON ('' when
--- this writer sent the same metadata before: the HSET would only rewrite the same bytes).
+-- ARGV[4+U+u] for u = 0..U: the lines counted into usage hash u (0: no period), one "target\tunits\n" each
+-- (target ids hold no control characters: BillingTarget refuses them), so a line costs the writer one
+-- string append instead of four protocol arguments;
+-- then pairs of target id and metadata JSON, only for targets whose metadata this writer had not sent.
 -- Returns 1 when applied, 0 when this (writer, seq) had been applied already.
 local last = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
 local seq = tonumber(ARGV[2])
@@ -18,19 +20,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 local usages = tonumber(ARGV[3])
-local i = 4 + usages
-while i + 3 <= #ARGV do
-  local target = ARGV[i]
-  local units = tonumber(ARGV[i + 1])
-  local usage_index = tonumber(ARGV[i + 2])
-  redis.call('HINCRBY', KEYS[1], target, units)
-  if usage_index > 0 then
-    redis.call('HINCRBY', KEYS[usage_index], target, units)
+for u = 0, usages do
+  local usage = u > 0 and KEYS[4 + u] or nil
+  for target, units in string.gmatch(ARGV[4 + usages + u], '([^\t\n]+)\t(%-?%d+)\n') do
+    redis.call('HINCRBY', KEYS[1], target, units)
+    if usage then
+      redis.call('HINCRBY', usage, target, units)
+    end
   end
-  if ARGV[i + 3] ~= '' then
-    redis.call('HSET', KEYS[2], target, ARGV[i + 3])
-  end
-  i = i + 4
+end
+local i = 5 + 2 * usages
+while i + 1 <= #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
 end
 -- Once per usage hash and write, not once per line.
 for u = 1, usages do

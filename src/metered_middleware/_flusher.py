@@ -60,6 +60,40 @@ class FlushReport:
         return not (self.dead or self.left or self.skipped_shards)
 
 
+class _AckWriter:
+    """Acknowledges one batch's delivered lines, coalescing those that arrive while an ack is running.
+
+    The first sender to deliver writes its ack at once; lines delivered by other senders meanwhile wait
+    and go together in the writer's next script call, so under load one Redis round trip acknowledges
+    many lines, and when idle each line is acknowledged as soon as it is sent. Every ack stays fenced by
+    the lease token and names the stamp that was sent. A line sent but not yet acknowledged when the
+    flusher dies is resent identically by the next one, as before: Stripe replays it.
+    """
+
+    def __init__(self, flusher: Flusher, shard: int, seq: int, token: str, report: FlushReport) -> None:
+        self._flusher = flusher
+        self._shard, self._seq, self._token = shard, seq, token
+        self._report = report
+        self._pending: list[tuple[str, str]] = []
+        self._writing = False
+
+    async def add(self, lines: list[tuple[str, str]]) -> None:
+        """Acknowledge ``(target, stamp sent)`` pairs, now or with the ack already being written."""
+        self._pending += lines
+        if self._writing or not self._pending:
+            return  # the running writer takes them before it stops
+        self._writing = True
+        try:
+            flusher = self._flusher
+            while self._pending:
+                todo, self._pending = self._pending, []
+                acked = await flusher.store.ack(self._shard, self._seq, self._token, todo)
+                self._report.delivered += acked  # not `+= await`: that reads the total before yielding
+                await flusher._checkpoint_at("acked")
+        finally:
+            self._writing = False
+
+
 class Flusher:
     """Delivers what the middleware counted. Use ``async with Flusher(settings) as f`` then ``await f.run()``
     (loops until ``stop()``) or ``await f.flush_once()`` (one pass).
@@ -322,9 +356,10 @@ class Flusher:
             stamps = await self.store.stamp(shard, seq, token, requests)
             stamped += [(by_id[tid], s) for (tid, _), s in zip(requests, stamps, strict=True) if s]
         limit = self.sink.batch_limit
+        acks = _AckWriter(self, shard, seq, token, report)
         async with anyio.create_task_group() as tg:
             for i in range(0, len(stamped), limit):
-                tg.start_soon(self._send, shard, seq, token, stamped[i : i + limit], report, batch)
+                tg.start_soon(self._send, shard, seq, token, stamped[i : i + limit], report, batch, acks)
 
     # -- one request -------------------------------------------------------------------------------
     def _send_line(self, line: BatchLine, stamp: Stamp) -> SendLine:
@@ -339,6 +374,7 @@ class Flusher:
         lines: Sequence[tuple[BatchLine, Stamp]],
         report: FlushReport,
         batch: Batch,
+        acks: _AckWriter,
     ) -> None:
         todo = list(lines)
         failures = 0
@@ -351,7 +387,7 @@ class Flusher:
                 await self._checkpoint_at("before_send")
                 outcomes = await self.sink.send(wires)
                 await self._checkpoint_at("sent")
-            acks = [
+            delivered = [
                 (line.target_id, stamp.raw)
                 for (line, stamp), o in zip(todo, outcomes, strict=True)
                 if o.kind == "delivered"
@@ -362,10 +398,7 @@ class Flusher:
                 if o.kind == "dead"
                 or (o.kind == "restamp" and restamps.get(line.target_id, 0) >= _MAX_RESTAMPS)
             ]
-            if acks:
-                acked = await self.store.ack(shard, seq, token, acks)
-                report.delivered += acked  # not `+= await`: that reads the total before yielding
-                await self._checkpoint_at("acked")
+            await acks.add(delivered)
             if dead:
                 moved = await self.store.dead_letter(shard, seq, token, dead)
                 report.dead += moved

@@ -136,3 +136,21 @@ async def test_callable_resolver() -> None:
     resolver = CallableResolver(lookup)
     assert await resolver.resolve("good") == T
     assert await resolver.resolve("bad") is None
+
+
+async def test_a_cold_cache_under_a_thousand_concurrent_misses_resolves_every_key(redis_url: str) -> None:
+    """A thousand keys missing at once queue for the bounded pool instead of tripping connect timeouts."""
+    from metered_middleware import KeyRegistry
+    from metered_middleware._redis import MAX_CONNECTIONS, connect
+
+    client = connect(redis_url)
+    try:
+        registry = KeyRegistry(client, namespace="cold")
+        keys = [(await registry.create(BillingTarget(customer=f"cus_{n}"))).key for n in range(1000)]
+        cache = CachingResolver(registry)
+        found = await asyncio.gather(*(cache.resolve(k) for k in keys))
+        assert [t.customer for t in found if t is not None] == [f"cus_{n}" for n in range(1000)]
+        pool = client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= MAX_CONNECTIONS
+    finally:
+        await client.aclose()

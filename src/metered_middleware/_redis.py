@@ -17,6 +17,11 @@ __all__ = ["REDIS_FAILURES", "connect", "read_with_retry"]
 REDIS_FAILURES = (RedisError, OSError, AttributeError)
 
 
+# Connections one client opens at most, and how long a caller waits for one before failing.
+MAX_CONNECTIONS = 32
+POOL_WAIT = 1.0
+
+
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` URLs.
 
@@ -30,7 +35,18 @@ def connect(url: str) -> aioredis.Redis:
             socket_connect_timeout=1.0,
             socket_timeout=2.0,
         )
-    return aioredis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    # A bounded pool that makes callers wait for a free connection: a cold cache at high concurrency (a
+    # thousand keys missing at once) queues behind MAX_CONNECTIONS instead of opening one connection per
+    # miss, whose connect timeouts would refuse keys while Redis is healthy. A Redis that is really down
+    # still fails in about a second: refused connects return at once, hung ones time out after 1 s.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 _T = TypeVar("_T")

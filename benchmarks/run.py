@@ -95,6 +95,19 @@ class Sample:
     round: int
     load: Load
     commands: dict[str, int] = field(default_factory=dict)
+    # The server's CPU time (user + system) over the measured run: per request, and as a share of the wall
+    # time. Less sensitive than requests/s to what else the machine runs: noise moves it far less.
+    cpu_seconds: float = 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        """Server CPU microseconds per request."""
+        return self.cpu_seconds / self.load.requests * 1e6 if self.load.requests else 0.0
+
+    @property
+    def busy(self) -> float:
+        """Server CPU time over wall time during the run (1.0: one core fully used)."""
+        return self.cpu_seconds / self.load.seconds if self.load.seconds else 0.0
 
 
 # -- the environment --------------------------------------------------------------------------------
@@ -448,14 +461,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.profile and variant == "metered" and n == 1:
                         spy = start_profile(proc.pid, args.profile, args.duration)
                     before = command_counts(stats)
+                    cpu_before = process_cpu(proc.pid)
                     load = drive(url, args.duration)
+                    cpu = process_cpu(proc.pid) - cpu_before
                     commands = delta(before, command_counts(stats))
                     if spy is not None:
                         spy.wait()
-                samples.append(Sample(variant, n, load, commands))
+                sample = Sample(variant, n, load, commands, cpu)
+                samples.append(sample)
                 print(
                     f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
-                    f"p99 {load.p99_ms:6.2f} ms  non-2xx {load.non2xx}  socket errors {load.socket_errors}",
+                    f"p99 {load.p99_ms:6.2f} ms  CPU {sample.cpu_us_per_request:5.1f} us/req "
+                    f"busy {sample.busy:4.0%}  "
+                    f"non-2xx {load.non2xx}  socket errors {load.socket_errors}",
                     flush=True,
                 )
         memory = asyncio.run(memory_per_target(redis_server.url, targets))
@@ -491,6 +509,8 @@ def _sample_dict(sample: Sample) -> dict[str, Any]:
         "non2xx": load.non2xx,
         "socket_errors": load.socket_errors,
         "commands": sample.commands,
+        "cpu_us_per_request": sample.cpu_us_per_request,
+        "busy": sample.busy,
     }
 
 
@@ -511,6 +531,8 @@ def summarize(
             "rps": median([x.rps for x in mine]),
             "p50_ms": median([x.p50_ms for x in mine]),
             "p99_ms": median([x.p99_ms for x in mine]),
+            "cpu_us_per_request": median([s.cpu_us_per_request for s in samples if s.variant == variant]),
+            "busy": median([s.busy for s in samples if s.variant == variant]),
         }
     bare, metered = out["bare"], out["metered"]
     out["ratio"] = {
@@ -553,6 +575,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"| metered | {metered['rps']:.0f} | {metered['p50_ms']:.2f} | {metered['p99_ms']:.2f} |")
     print(f"| metered / bare | {ratio['rps']:.3f} | {ratio['p50_ms']:.2f} | {ratio['p99_ms']:.2f} |")
     print(f"median of the rounds' own metered/bare throughput ratios: {summary['paired_rps_ratio']:.3f}")
+    print(
+        f"server CPU per request: bare {bare['cpu_us_per_request']:.1f} us (busy {bare['busy']:.0%}), "
+        f"metered {metered['cpu_us_per_request']:.1f} us (busy {metered['busy']:.0%}): metering costs "
+        f"{metered['cpu_us_per_request'] - bare['cpu_us_per_request']:.1f} us a request"
+    )
     per = summary["redis_per_request"]
     print()
     print(
@@ -578,6 +605,15 @@ def flusher_part(target_counts: Sequence[int]) -> int:
         command = [sys.executable, str(script), "--targets", str(count)]
         status = max(status, subprocess.run(command, cwd=ROOT, check=False).returncode)
     return status
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:

@@ -198,6 +198,25 @@ async def test_hostile_input_never_500(harness: Harness, headers: list[tuple[str
     assert_error(await harness.http.get("/v1/hello", headers=headers), 401, code)
 
 
+async def test_a_cached_key_gets_the_same_answers_as_a_cold_one(harness: Harness) -> None:
+    """The inline path for cached keys leaves everything unusual to the general one: same codes, counts."""
+    key = await harness.key()
+    get = harness.http.get
+    assert (await get("/v1/hello", headers={"X-API-Key": key})).status_code == 200  # now cached
+    assert (await get("/v1/hello", headers={"Authorization": f"bearer  {key} "})).status_code == 200
+    both = [("x-api-key", key), ("authorization", f"Bearer {key}")]
+    assert (await get("/v1/hello", headers=both)).status_code == 200  # the same key twice is one key
+    other = [("x-api-key", key), ("authorization", "Bearer mk_other")]
+    assert_error(await get("/v1/hello", headers=other), 401, "api_key_invalid")  # ambiguous
+    assert_error(await get("/v1/hello", headers={"Authorization": f"Basic {key}"}), 401, "api_key_missing")
+    assert_error(await get("/v1/hello", headers={"X-API-Key": key + "\x01"}), 401, "api_key_invalid")
+    assert harness.metered.rejected == {"api_key_ambiguous": 1, "api_key_missing": 1, "api_key_invalid": 1}
+    assert await harness.totals() == {TARGET.target_id: 3}
+    await harness.registry.revoke(key)
+    harness.metered.resolver.invalidate(key)
+    assert_error(await get("/v1/hello", headers={"X-API-Key": key}), 401, "api_key_revoked")
+
+
 async def test_non_ascii_key_bytes(harness: Harness) -> None:
     """Raw non-ASCII bytes in the key header get api_key_invalid."""
     r = await harness.http.get("/v1/hello", headers=[(b"x-api-key", "clé".encode())])

@@ -7,6 +7,8 @@ import fnmatch
 import logging
 import re
 from collections.abc import Mapping
+from hashlib import sha256
+from time import monotonic
 from typing import Unpack
 
 import redis.asyncio as aioredis
@@ -28,6 +30,9 @@ __all__ = ["MeteringMiddleware"]
 
 
 log = logging.getLogger("metered_middleware")
+
+# A key as extract_key accepts it: visible ASCII, no spaces (its length is checked apart).
+_VISIBLE = re.compile(rb"[!-~]+")
 
 # Close code for a refused websocket handshake: 1008 is "policy violation"; the reason carries our code.
 _WS_POLICY = 1008
@@ -100,12 +105,72 @@ class MeteringMiddleware:
         self._statuses = settings.count_statuses
         self._closed_mode = settings.fail_mode == "closed"
         self._immediate = settings.coalesce_window == 0
+        # The inline HTTP path: keys from headers only (a query-string key takes the general path), and the
+        # resolver cache's dict read directly (the same object for the cache's life; never rebound).
+        self._fast_keys = settings.key_query_param is None and b"authorization" not in self._header_names
+        self._bearer = settings.key_bearer
+        self._max_key_length = settings.max_key_length
+        self._cache_entries = self.resolver._entries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
+        # The HTTP path, inline: every frame and lookup here is paid on every request of every customer.
+        if self._excluded is not None and self._excluded.match(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        target: BillingTarget | None = None
+        if self._fast_keys:
+            # The common case, scanned here: one key in the Authorization header (Bearer) or a key header.
+            # Anything unusual (two key headers, odd bytes, no key) is left to the general path's answer.
+            found: bytes | None = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    if not self._bearer or value[:7].lower() != b"bearer ":
+                        continue
+                    value = value[7:]
+                elif name not in self._header_names:
+                    continue
+                if found is not None:
+                    found = None
+                    break
+                found = value
+            if found is not None:
+                found = found.strip()
+                if len(found) <= self._max_key_length and _VISIBLE.fullmatch(found) is not None:
+                    entry = self._cache_entries.get(sha256(found).digest())
+                    if entry is not None and entry[0] > monotonic():
+                        target = entry[1]
+        if (
+            target is None
+            or target.revoked
+            or not target.active
+            or (self._closed_mode and not self.counter.healthy)
+        ):
+            await self._http(scope, receive, send)  # misses, refusals, query-string keys: the general path
+            return
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["billing_target"] = target
+        weight = self._weight(scope["method"], scope["path"]) if self._weights else 1
+        if weight == 0 or self._immediate:
+            await self._http_admitted(scope, receive, send, target, weight)
+            return
+        add = self.counter.add
+        statuses = self._statuses
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in statuses:
+                add(target, weight)
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await self.app(scope, self._watch_lifespan(receive), send)
@@ -177,8 +242,13 @@ class MeteringMiddleware:
             self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
             await self.rejections.http(send, admitted)
             return
-        target = admitted
-        weight = self._weight(scope["method"], scope["path"])
+        await self._http_admitted(
+            scope, receive, send, admitted, self._weight(scope["method"], scope["path"])
+        )
+
+    async def _http_admitted(
+        self, scope: Scope, receive: Receive, send: Send, target: BillingTarget, weight: int
+    ) -> None:
         if weight == 0:
             await self.app(scope, receive, send)
             return

@@ -109,7 +109,13 @@ async def one_run(
 
 
 def bench_sink(
-    sink: SinkName, url: str, targets: int, concurrency: int, repeat: int, seconds: float
+    sink: SinkName,
+    url: str,
+    targets: int,
+    concurrency: int,
+    repeat: int,
+    seconds: float,
+    uvloop: bool = False,
 ) -> float:
     rates: list[float] = []
     for _ in range(repeat):
@@ -132,7 +138,14 @@ def bench_sink(
                     raise SystemExit(f"the emulator process failed to start (exit {child.wait()})")
                 fixture = json.loads(Path(out).read_text())
                 sent, elapsed, dead = anyio.run(
-                    one_run, sink, url, fixture["url"], fixture["targets"], concurrency, seconds
+                    one_run,
+                    sink,
+                    url,
+                    fixture["url"],
+                    fixture["targets"],
+                    concurrency,
+                    seconds,
+                    backend_options={"use_uvloop": uvloop},
                 )
             finally:
                 child.terminate()
@@ -156,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sink", choices=SINKS, action="append", help="sink to measure (all by default)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per sink; the median is printed (1)")
     parser.add_argument("--seconds", type=float, default=0.0, help="stop each run after this long (no limit)")
+    parser.add_argument("--uvloop", action="store_true", help="run the flusher on uvloop (asyncio's loop)")
     parser.add_argument("--serve-emulator", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_emulator:
@@ -163,7 +177,9 @@ def main() -> None:
         return
     with RedisServer() as server:
         for sink in args.sink or SINKS:  # argparse choices keep it a SinkName
-            bench_sink(sink, server.url, args.targets, args.concurrency, args.repeat, args.seconds)
+            bench_sink(
+                sink, server.url, args.targets, args.concurrency, args.repeat, args.seconds, args.uvloop
+            )
 
 
 if __name__ == "__main__":

@@ -118,6 +118,41 @@ def test_complete_checkout_on_test_clock(
     assert stripe_client.v1.subscriptions.retrieve(result["subscription"])["current_period_start"] == frozen
 
 
+def test_complete_checkout_of_a_legacy_metered_price(
+    stripe_emulator: StripeEmulator, stripe_client: stripe.StripeClient
+) -> None:
+    """A session created on a pre-2025-03-31 version with a legacy metered price completes, and its item takes
+    usage records."""
+    legacy = "2025-02-24.acacia"
+    price = stripe_client.raw_request(
+        "post",
+        "/v1/prices",
+        currency="usd",
+        product_data={"name": "Legacy"},
+        unit_amount=10,
+        recurring={"interval": "month", "usage_type": "metered", "aggregate_usage": "sum"},
+        stripe_version=legacy,
+    )
+    price_id = stripe_client.deserialize(price, api_mode="V1")["id"]
+    session = stripe_client.raw_request(
+        "post",
+        "/v1/checkout/sessions",
+        mode="subscription",
+        line_items=[{"price": price_id}],
+        success_url="https://example.com/ok",
+        customer_email="legacy@example.com",
+        stripe_version=legacy,
+    )
+    result = stripe_emulator.complete_checkout(stripe_client.deserialize(session, api_mode="V1")["id"])
+    stripe_client.raw_request(
+        "post",
+        f"/v1/subscription_items/{result['subscription_item']}/usage_records",
+        quantity=7,
+        stripe_version=legacy,
+    )
+    assert stripe_emulator.usage_record_total(result["subscription_item"]) == 7
+
+
 def test_webhooks_are_signed_and_verifiable(
     stripe_emulator: StripeEmulator,
     stripe_client: stripe.StripeClient,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ._billing import build_invoice, period_boundary, roll
@@ -147,6 +148,9 @@ def create_checkout(ctx: Ctx, p: dict[str, Any], _: tuple[str, ...]) -> Json:
         "url": f"{state.base_url}/checkout/{session_id}",
         "_line_items": p["line_items"],
         "_subscription_data": p.get("subscription_data", {}),
+        # Completing the session later must see its prices as this request did: a legacy metered price
+        # exists only on API versions before 2025-03-31.
+        "_stripe_version": ctx.stripe_version,
     }
     state.checkout_sessions[session_id] = session
     return render_checkout(session)
@@ -201,7 +205,7 @@ def complete_checkout(ctx: Ctx, session_id: str, test_clock: str | None) -> dict
     }
     if data.get("billing_cycle_anchor") is not None:
         sub_params["billing_cycle_anchor"] = data["billing_cycle_anchor"]
-    sub = create_subscription_obj(ctx, sub_params)
+    sub = create_subscription_obj(replace(ctx, stripe_version=session.get("_stripe_version")), sub_params)
     session.update(customer=customer_id, subscription=sub["id"], status="complete", payment_status="paid")
     state.emit("checkout.session.completed", render_checkout(session))
     return {"customer": customer_id, "subscription": sub["id"], "subscription_item": sub["_item_ids"][0]}

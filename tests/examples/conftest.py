@@ -19,7 +19,7 @@ from examples.typographic.billing import StripeSetup, setup_stripe
 from examples.typographic.fonts import FontLibrary
 from examples.typographic.plans import METER_EVENT_NAME
 from metered_middleware import BillingTarget
-from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._delivery_config import DeliverySettings, SinkName
 from metered_middleware.testing.emulator import StripeEmulator
 
 WEBHOOK_SECRET = "whsec_typographic_tests"
@@ -41,7 +41,13 @@ class World:
     client: stripe.StripeClient
     setup: StripeSetup
     fonts: FontLibrary
+    sink: SinkName = "meter_events"
     apps: list[Typographic] = field(default_factory=list)
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the world bills through usage records, so Checkout subscribes to the legacy prices."""
+        return self.sink == "usage_records"
 
     def app(self, environ: Mapping[str, str] | None = None, *, deliver: bool = False) -> Typographic:
         """The example app; with ``deliver`` its lifespan runs the flusher against the emulator."""
@@ -51,6 +57,7 @@ class World:
                 stripe_api_key="sk_test_emulator",
                 redis_url=self.redis_url,
                 api_base=self.emulator.url,
+                sink=self.sink,
                 meter_event_name=METER_EVENT_NAME,
                 rate_limit=0.0,
                 flush_interval=3600.0,  # the tests flush when they mean to
@@ -60,7 +67,7 @@ class World:
             settings=example_settings(environ or {}, redis_url=self.redis_url),
             stripe_client=self.client,
             webhook_secret=WEBHOOK_SECRET,
-            prices=self.setup.prices,
+            prices=self.setup.legacy_prices if self.legacy else self.setup.prices,
             delivery=delivery,
             fonts=self.fonts,
         )
@@ -84,12 +91,26 @@ class World:
 
 
 @pytest.fixture
+def sink() -> SinkName:
+    """The flusher's sink in a world; a test parametrizes ``sink`` to bill through another one."""
+    return "meter_events"
+
+
+@pytest.fixture
 async def world(
-    redis_client: aioredis.Redis, redis_url: str, stripe_emulator: StripeEmulator, fonts: FontLibrary
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    stripe_emulator: StripeEmulator,
+    fonts: FontLibrary,
+    sink: SinkName,
 ) -> AsyncIterator[World]:
-    """A fresh world per test; every app built in it has its middleware closed afterwards."""
+    """A fresh world per test; every app built in it has its middleware closed afterwards.
+
+    With the ``usage_records`` sink the legacy metered prices are set up too and the app subscribes to them.
+    """
     client = stripe_emulator.client()
-    found = World(redis_client, redis_url, stripe_emulator, client, await setup_stripe(client), fonts)
+    setup = await setup_stripe(client, legacy=sink == "usage_records")
+    found = World(redis_client, redis_url, stripe_emulator, client, setup, fonts, sink)
     try:
         yield found
     finally:

@@ -33,6 +33,7 @@ class Customer:
     plan: Plan
     customer: str
     subscription: str
+    item: str
     key: str
 
 
@@ -41,9 +42,10 @@ async def _sign_up(world: World, base: str, plan: Plan, clock: str) -> Customer:
     session = await create_checkout_session(
         world.client,
         plan,
-        world.setup.price_for(plan),
+        world.setup.price_for(plan, legacy=world.legacy),
         success_url=f"{base}/success?session_id={{CHECKOUT_SESSION_ID}}",
         cancel_url=f"{base}/",
+        legacy=world.legacy,
     )
     complete = functools.partial(world.emulator.complete_checkout, session.id, test_clock=clock)
     ids = await anyio.to_thread.run_sync(complete)
@@ -51,7 +53,9 @@ async def _sign_up(world: World, base: str, plan: Plan, clock: str) -> Customer:
         page = await http.get(
             "/success", params={"session_id": session.id}, headers={"Accept": "application/json"}
         )
-    return Customer(plan, ids["customer"], ids["subscription"], page.json()["api_key"])
+    return Customer(
+        plan, ids["customer"], ids["subscription"], ids["subscription_item"], page.json()["api_key"]
+    )
 
 
 async def _call(app: Typographic, key: str, paths: Sequence[tuple[str, int]], workers: int = 16) -> None:
@@ -68,8 +72,25 @@ async def _call(app: Typographic, key: str, paths: Sequence[tuple[str, int]], wo
             tg.start_soon(worker, http, todo[index::workers])
 
 
+def _assert_billed_through_sink(world: World, expected: dict[Customer, int]) -> None:
+    """The counted units reached Stripe through the world's sink, and only through it."""
+    for customer, units in expected.items():
+        metered = world.emulator.meter_event_total(customer.customer, METER_EVENT_NAME)
+        recorded = world.emulator.usage_record_total(customer.item)
+        assert (metered, recorded) == ((0, units) if world.legacy else (units, 0))
+    v1 = world.emulator.requests("meter_events.create")
+    stream = world.emulator.requests("meter_event_stream.create")
+    records = world.emulator.requests("usage_records.create")
+    used = {"meter_events": v1, "meter_event_stream": stream, "usage_records": records}
+    assert {name for name, made in used.items() if made} == {world.sink}
+
+
+@pytest.mark.parametrize("sink", ["meter_events", "usage_records", "meter_event_stream"])
 async def test_metered_calls_become_exact_invoices(world: World) -> None:
-    """12,345 Standard calls invoice at exactly $244.50; Growth and Enterprise match the estimator."""
+    """12,345 Standard calls invoice at exactly $244.50; Growth and Enterprise match the estimator.
+
+    Once per sink: v1 meter events, legacy usage records on legacy metered prices, and the v2 stream.
+    """
     app = world.app(WEIGHTS, deliver=True)
     async with serving(app) as base:
         world.emulator.set_webhook(f"{base}/stripe/webhook", WEBHOOK_SECRET)
@@ -97,8 +118,7 @@ async def test_metered_calls_become_exact_invoices(world: World) -> None:
             usage = (await http.get("/v1/usage")).json()
         assert usage["requests"] == {"counted": 12_345, "delivered": 12_345, "pending": 0, "failed": 0}
         assert usage["estimate"]["amount"] == 24_450
-        for customer, units in expected.items():
-            assert world.emulator.meter_event_total(customer.customer, METER_EVENT_NAME) == units
+        _assert_billed_through_sink(world, expected)
 
         period_end = (await world.client.v1.subscriptions.retrieve_async(standard.subscription))[
             "items"
@@ -112,6 +132,10 @@ async def test_metered_calls_become_exact_invoices(world: World) -> None:
             invoices = await world.client.v1.invoices.list_async({"subscription": customer.subscription})
             (cycle,) = [i for i in invoices.data if i.billing_reason == "subscription_cycle"]
             assert cycle.amount_due == customer.plan.estimate_cents(units)
+            details = [line.pricing and line.pricing.price_details for line in cycle.lines.data]
+            assert {d.price for d in details if d} == {
+                world.setup.price_for(customer.plan, legacy=world.legacy)
+            }
         assert [c.plan.estimate_cents(u) for c, u in expected.items()] == [24_450, 3_000, 7_501]
 
         # The new period reached the keys through customer.subscription.updated: usage starts again at 0.

@@ -7,10 +7,8 @@ exactly the parameters it is given: the flusher derives them from the stored bat
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import ssl
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -226,22 +224,8 @@ class _HTTPXClient(stripe.HTTPXClient):
         return [args, kwargs]
 
 
-def _fast_missing_sniffio() -> None:
-    """Make httpcore's per-request ``import sniffio`` fail fast when sniffio is not installed.
-
-    httpcore asks which async library runs on every lock and cancel-shield it sets up (several per request)
-    with ``try: import sniffio``. When sniffio is absent (anyio 4 and httpx no longer pull it in) every such
-    import walks ``sys.path`` again, because failed imports are not cached: about 70 µs each, a sixth of the
-    flusher's CPU per request in the throughput benchmark. A ``None`` entry in ``sys.modules`` is Python's
-    documented way to make that import raise ``ImportError`` at once: the same outcome, without the search.
-    """
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
-
-
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
     """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters)."""
-    _fast_missing_sniffio()
     http = _HTTPXClient(timeout=settings.request_timeout, concurrency=settings.max_concurrency)
     bases: BaseAddresses = {}
     if settings.api_base:

@@ -59,7 +59,9 @@ class Counter:
         self.healthy = True
         self._writer = uuid.uuid4().hex
         self._seq = 0
-        self._buffer: dict[str, list[object]] = {}
+        # Units per target id and the latest target object per id, for the window being filled.
+        self._buffer: dict[str, int] = {}
+        self._targets: dict[str, BillingTarget] = {}
         self._outbox: list[CountWrite] | None = None
         self._outbox_gen = 0
         self._buffer_gen = 1
@@ -75,14 +77,19 @@ class Counter:
         stats = self.stats
         stats.counted_units += units
         stats.counted_requests += 1
-        entry = self._buffer.get(target.target_id)
-        if entry is not None:
-            entry[0] = entry[0] + units  # type: ignore[operator]
-            entry[1] = target  # the latest period bounds win
-        elif len(self._buffer) < self.max_targets:
-            self._buffer[target.target_id] = [units, target]
+        # Two dicts of existing objects: counting allocates nothing the garbage collector tracks, so a
+        # window's new targets do not trigger collections that would scan (and age) in-flight requests.
+        buffer = self._buffer
+        target_id = target.target_id
+        buffered = buffer.get(target_id)
+        if buffered is not None:
+            buffer[target_id] = buffered + units
+            self._targets[target_id] = target  # the latest period bounds win
+        elif len(buffer) < self.max_targets:
+            buffer[target_id] = units
+            self._targets[target_id] = target
         else:
-            self.stats.overflow_units += units
+            stats.overflow_units += units
             if not self._overflow_logged:
                 # Once per outage: a log line per request would itself become the outage.
                 log.error(
@@ -154,12 +161,13 @@ class Counter:
 
     def _take_buffer(self) -> list[CountWrite]:
         buffer, self._buffer = self._buffer, {}
+        targets, self._targets = self._targets, {}
         self._outbox_gen = self._buffer_gen
         self._buffer_gen += 1
         by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
-        for target_id, (units, target) in buffer.items():
-            shard = self.layout.shard_of(target_id)
-            by_shard.setdefault(shard, []).append((target, units))  # type: ignore[arg-type]
+        shard_of = self.layout.shard_of
+        for target_id, units in buffer.items():
+            by_shard.setdefault(shard_of(target_id), []).append((targets[target_id], units))
         writes: list[CountWrite] = []
         for shard, lines in sorted(by_shard.items()):
             self._seq += 1

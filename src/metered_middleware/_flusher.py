@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -42,6 +42,50 @@ logger = logging.getLogger("metered_middleware.flusher")
 Checkpoint = Callable[[str], Awaitable[None]]
 # A line whose timestamp Stripe keeps refusing is re-stamped at most this often before it is dead-lettered.
 _MAX_RESTAMPS = 3
+
+
+def _audit(
+    event: str,
+    shard: int,
+    seq: int,
+    line: BatchLine | None = None,
+    stamp: Stamp | None = None,
+    answer: Outcome | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """Structured fields of a delivery decision, for ``extra=`` (JSON logs; no API key ever goes in).
+
+    ``target`` is the target id (customer|item|event); ``idempotency_key`` is the line's key, which is also
+    its meter event identifier; ``timestamp`` and ``attempt`` are those of the stamp sent.
+    """
+    fields: dict[str, Any] = {"event": event, "shard": shard, "seq": seq}
+    if line is not None:
+        fields["target"] = line.target_id
+        fields["units"] = line.units
+    if stamp is not None:
+        fields["attempt"] = stamp.attempt
+        fields["idempotency_key"] = stamp.key
+        fields["timestamp"] = stamp.timestamp
+    if answer is not None:
+        fields["outcome"] = answer.kind
+        if answer.reason:
+            fields["reason"] = answer.reason
+        fields.update(_stripe_error_fields(answer.error))
+    fields.update(more)
+    return fields
+
+
+def _stripe_error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
+    """Stripe's answer, flattened: HTTP status, error code and type, message, request id."""
+    names = {
+        "status": "stripe_status",
+        "code": "stripe_code",
+        "stripe_type": "stripe_error_type",
+        "type": "error_class",
+        "message": "stripe_message",
+        "request_id": "stripe_request_id",
+    }
+    return {out: error[key] for key, out in names.items() if error.get(key) is not None}
 
 
 @dataclass
@@ -252,12 +296,22 @@ class Flusher:
                     await self._deliver(shard, claimed[0], token, report)
                 tg.cancel_scope.cancel()
         except* LeaseLostError as group:
-            logger.warning("shard %s: %s; the new holder finishes its batches", shard, group.exceptions[0])
+            logger.warning(
+                "shard %s: %s; the new holder finishes its batches",
+                shard,
+                group.exceptions[0],
+                extra={"event": "lease_lost", "shard": shard, "outcome": "left", "reason": "lease_lost"},
+            )
             self._tokens.pop(shard, None)
             report.left += 1
         except* StorageError as group:
             # Redis is down or restarting: what was sent and not acknowledged is resent, identically, later.
-            logger.warning("shard %s: %s; retrying next pass", shard, group.exceptions[0])
+            logger.warning(
+                "shard %s: %s; retrying next pass",
+                shard,
+                group.exceptions[0],
+                extra={"event": "storage_error", "shard": shard, "outcome": "left", "reason": "redis"},
+            )
             report.left += 1
 
     async def _keep_lease(self, shard: int, token: str, work: anyio.CancelScope) -> None:
@@ -271,7 +325,16 @@ class Flusher:
                 continue
             if renewed != token:
                 # Another flusher holds the shard now: stop sending; our acks would be refused anyway.
-                logger.warning("shard %s: lease lost, stopping work on it", shard)
+                logger.warning(
+                    "shard %s: lease lost, stopping work on it",
+                    shard,
+                    extra={
+                        "event": "lease_lost",
+                        "shard": shard,
+                        "outcome": "stopped",
+                        "reason": "lease_lost",
+                    },
+                )
                 self._tokens.pop(shard, None)
                 if renewed:
                     await self.store.release_lease(shard, renewed)
@@ -325,8 +388,23 @@ class Flusher:
             )
             report.dead += moved
             logger.error(
-                "shard %s batch %s: %d stale line(s) dead-lettered for reconciliation", shard, seq, moved
+                "shard %s batch %s: %d stale line(s) dead-lettered for reconciliation",
+                shard,
+                seq,
+                moved,
+                extra=_audit("stale_dead_lettered", shard, seq, outcome="dead", reason="stale", lines=moved),
             )
+            for line in stale:
+                logger.error(
+                    "dead-lettered %s (shard %s batch %s): stale, first attempted %d ms before this read",
+                    line.target_id,
+                    shard,
+                    seq,
+                    batch.read_at_ms - (line.stamp.first_attempt_ms if line.stamp else 0),
+                    extra=_audit(
+                        "dead_lettered", shard, seq, line, line.stamp, outcome="dead", reason="stale"
+                    ),
+                )
         stale_ids = {line.target_id for line in stale}
         lines = [line for line in batch.lines if line.target_id not in stale_ids]
         stamped: list[tuple[BatchLine, Stamp]] = [(line, line.stamp) for line in lines if line.stamp]
@@ -337,7 +415,20 @@ class Flusher:
                 try:
                     now = await self._now(line, batch)
                 except stripe.StripeError as exc:
-                    logger.warning("test clock lookup failed, retrying later: %s", exc)
+                    logger.warning(
+                        "test clock lookup failed, retrying later: %s",
+                        exc,
+                        extra=_audit(
+                            "clock_lookup_failed",
+                            shard,
+                            seq,
+                            line,
+                            outcome="left",
+                            test_clock=line.meta.get("test_clock"),
+                            stripe_code=getattr(exc, "code", None),
+                            stripe_status=getattr(exc, "http_status", None),
+                        ),
+                    )
                     report.left += 1
                     continue
                 ts, moved_on = self._place(line, now)
@@ -349,6 +440,15 @@ class Flusher:
                         seq,
                         line.target_id,
                         ts,
+                        extra=_audit(
+                            "stamped_after_period",
+                            shard,
+                            seq,
+                            line,
+                            timestamp=ts,
+                            reason="period_closed",
+                            period_end=line.meta.get("period_end"),
+                        ),
                     )
                 key = line_key(self.layout.namespace, shard, seq, batch.claimed_at_ms, 1, line.target_id)
                 requests.append((line.target_id, f"1|{ts}|{key}"))
@@ -387,24 +487,32 @@ class Flusher:
                 await self._checkpoint_at("before_send")
                 outcomes = await self.sink.send(wires)
                 await self._checkpoint_at("sent")
+            self._log_outcomes(shard, seq, todo, outcomes, failures + 1)
             delivered = [
                 (line.target_id, stamp.raw)
                 for (line, stamp), o in zip(todo, outcomes, strict=True)
                 if o.kind == "delivered"
             ]
-            dead = [
-                (line.target_id, stamp.raw, o.reason, dict(o.error))
+            dead_lines = [
+                (line, stamp, o)
                 for (line, stamp), o in zip(todo, outcomes, strict=True)
                 if o.kind == "dead"
                 or (o.kind == "restamp" and restamps.get(line.target_id, 0) >= _MAX_RESTAMPS)
             ]
+            dead = [(line.target_id, stamp.raw, o.reason, dict(o.error)) for line, stamp, o in dead_lines]
             await acks.add(delivered)
             if dead:
                 moved = await self.store.dead_letter(shard, seq, token, dead)
                 report.dead += moved
-                for target, _, reason, error in dead:
+                for line, stamp, o in dead_lines:
                     logger.error(
-                        "dead-lettered %s (shard %s batch %s): %s %s", target, shard, seq, reason, error
+                        "dead-lettered %s (shard %s batch %s): %s %s",
+                        line.target_id,
+                        shard,
+                        seq,
+                        o.reason,
+                        dict(o.error),
+                        extra=_audit("dead_lettered", shard, seq, line, stamp, o, outcome="dead"),
                     )
             dead_ids = {d[0] for d in dead}
             retry: list[tuple[BatchLine, Stamp]] = []
@@ -430,12 +538,69 @@ class Flusher:
                         seq,
                         len(retry),
                         reasons,
+                        extra=_audit(
+                            "left_for_later",
+                            shard,
+                            seq,
+                            targets=[line.target_id for line, _ in retry],
+                            lines=len(retry),
+                            reasons=reasons,
+                            attempts=failures,
+                            outcome="left",
+                        ),
                     )
                     report.left += len(retry)
                     return
                 s = self.settings
                 await anyio.sleep(backoff_delay(failures, s.retry_backoff, s.retry_backoff_max, retry_after))
             todo = retry
+
+    def _log_outcomes(
+        self,
+        shard: int,
+        seq: int,
+        sent: Sequence[tuple[BatchLine, Stamp]],
+        outcomes: Sequence[Outcome],
+        send_attempt: int,
+    ) -> None:
+        """One record per line Stripe answered: delivered (debug), retry (info); dead-letters log below."""
+        debug = logger.isEnabledFor(logging.DEBUG)
+        info = logger.isEnabledFor(logging.INFO)
+        if not info:
+            return
+        sink = self.sink.name
+        for (line, stamp), outcome in zip(sent, outcomes, strict=True):
+            if outcome.kind == "delivered" and debug:
+                logger.debug(
+                    "delivered %s (shard %s batch %s) attempt %s at %s",
+                    line.target_id,
+                    shard,
+                    seq,
+                    stamp.attempt,
+                    stamp.timestamp,
+                    extra=_audit("delivered", shard, seq, line, stamp, outcome, sink=sink, send=send_attempt),
+                )
+            elif outcome.kind == "retry":
+                logger.info(
+                    "retrying %s (shard %s batch %s), send %s: %s %s",
+                    line.target_id,
+                    shard,
+                    seq,
+                    send_attempt,
+                    outcome.reason,
+                    outcome.error.get("message", ""),
+                    extra=_audit(
+                        "retry",
+                        shard,
+                        seq,
+                        line,
+                        stamp,
+                        outcome,
+                        sink=sink,
+                        send=send_attempt,
+                        retry_after=outcome.retry_after,
+                    ),
+                )
 
     async def _restamp(
         self, shard: int, seq: int, token: str, line: BatchLine, old: Stamp, batch: Batch, outcome: Outcome
@@ -459,6 +624,20 @@ class Flusher:
             now,
             attempt,
             outcome.error.get("message"),
+            extra=_audit(
+                "restamped",
+                shard,
+                seq,
+                line,
+                new,
+                outcome,
+                previous_timestamp=old.timestamp,
+                previous_attempt=old.attempt,
+                previous_idempotency_key=old.key,
+                new_timestamp=now,
+                new_attempt=attempt,
+                applied=new is not None,
+            ),
         )
         return new
 

@@ -449,7 +449,18 @@ class MeterEventStreamSink:
                     exc.http_status == 401 and "session" in str(exc.code or exc.user_message or "").lower()
                 )
                 if expired and not renewed:
-                    logger.info("meter event session expired; renewing and resending the same identifiers")
+                    logger.info(
+                        "meter event session expired; renewing and resending the same identifiers",
+                        extra={
+                            "event": "session_renewed",
+                            "sink": self.name,
+                            "outcome": "retry",
+                            "reason": "session_expired",
+                            "identifiers": [e["identifier"] for e in events],
+                            "stripe_code": exc.code,
+                            "stripe_status": exc.http_status,
+                        },
+                    )
                     renewed = True
                     continue
                 return outcome

@@ -14,7 +14,9 @@ counts through the Stripe emulator. ``benchmarks/run.py`` sets these variables f
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -79,8 +81,44 @@ ROUTES: Final = [
 ]
 
 
+def _gc_stats(variant: str) -> None:
+    """With ``MM_BENCH_GC_STATS=<dir>``: time spent in each GC generation, written there at exit."""
+    if os.environ.get("MM_BENCH_GC_FREEZE") == "1":  # an experiment: startup objects out of the collector
+        gc.freeze()
+    where = os.environ.get("MM_BENCH_GC_STATS")
+    if not where:
+        return
+    totals = [[0, 0.0, 0] for _ in range(3)]  # collections, seconds, longest (ns)
+    started = [0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter_ns()
+            return
+        took = time.perf_counter_ns() - started[0]
+        row = totals[info["generation"]]
+        row[0] += 1
+        row[1] += took / 1e9
+        row[2] = max(row[2], took)
+        if started[0] - written[0] > 1e9:  # atexit does not run when uvicorn is stopped: write each second
+            written[0] = started[0]
+            write()
+
+    written = [0]
+
+    def write() -> None:
+        line = " ".join(
+            f"gen{g}: {c} x, {s * 1e3:.1f} ms, max {m / 1e6:.2f} ms" for g, (c, s, m) in enumerate(totals)
+        )
+        with open(os.path.join(where, f"{variant}-{os.getpid()}.txt"), "w") as f:
+            f.write(f"{variant} objects {len(gc.get_objects())} {line}\n")
+
+    gc.callbacks.append(callback)
+
+
 def create_bare() -> Starlette:
     """The app alone."""
+    _gc_stats("bare")
     return Starlette(routes=ROUTES)
 
 
@@ -104,6 +142,7 @@ def delivery_settings(environ: Mapping[str, str]) -> DeliverySettings:
 def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddleware:
     """The same app behind the full stack: middleware, cached Redis resolver, coalesced counts, flusher."""
     env = os.environ if environ is None else environ
+    _gc_stats("metered")
     delivery = delivery_settings(env)
 
     in_app_flusher = env.get("MM_BENCH_IN_APP_FLUSHER", "1") != "0"  # 0: to tell the two costs apart

@@ -458,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     url = f"http://127.0.0.1:{port}"
                     drive(url, args.warmup)
                     spy = None
-                    if args.profile and variant == "metered" and n == 1:
-                        spy = start_profile(proc.pid, args.profile, args.duration)
+                    if args.profile and n == 1:
+                        out = args.profile if variant == "metered" else args.profile.with_suffix(".bare")
+                        spy = start_profile(proc.pid, out, args.duration)
                     before = command_counts(stats)
                     cpu_before = process_cpu(proc.pid)
                     load = drive(url, args.duration)

@@ -379,7 +379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="record the metered server with py-spy during round 1 (collapsed stacks written here)",
+        help="record both servers with py-spy during round 1 (collapsed stacks: FILE, bare: FILE.bare)",
     )
     parser.add_argument(
         "--load-generator",

@@ -8,6 +8,7 @@ horizon, explicit re-stamps, and a graceful shutdown whose final flush is bounde
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 import stripe
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -457,9 +458,19 @@ class Flusher:
             stamped += [(by_id[tid], s) for (tid, _), s in zip(requests, stamps, strict=True) if s]
         limit = self.sink.batch_limit
         acks = _AckWriter(self, shard, seq, token, report)
+        groups = [stamped[i : i + limit] for i in range(0, len(stamped), limit)]
+        pending = iter(groups)
         async with anyio.create_task_group() as tg:
-            for i in range(0, len(stamped), limit):
-                tg.start_soon(self._send, shard, seq, token, stamped[i : i + limit], report, batch, acks)
+
+            async def sender() -> None:
+                # A few long-lived senders take the batch's groups in order, instead of one task per
+                # group (1,000 task spawns a batch for the v1 sinks, ~7% of the flusher's CPU). A group
+                # that must wait to retry is handed to a task of its own, so backoff never holds a sender.
+                for group in pending:
+                    await self._send(shard, seq, token, group, report, batch, acks, retries=tg)
+
+            for _ in range(min(len(groups), self.settings.max_concurrency)):
+                tg.start_soon(sender)
 
     # -- one request -------------------------------------------------------------------------------
     def _send_line(self, line: BatchLine, stamp: Stamp) -> SendLine:
@@ -475,10 +486,21 @@ class Flusher:
         report: FlushReport,
         batch: Batch,
         acks: _AckWriter,
+        *,
+        retries: TaskGroup | None = None,
+        failures: int = 0,
+        restamps: dict[str, int] | None = None,
+        delay: float = 0.0,
     ) -> None:
+        """Send one group until Stripe answers for good (or ``retry_attempts`` sends failed).
+
+        With ``retries``, a group that must back off continues in a new task of that group (after
+        ``delay``, with its failure count and re-stamp counts), and this call returns.
+        """
+        if delay:
+            await anyio.sleep(delay)
         todo = list(lines)
-        failures = 0
-        restamps: dict[str, int] = {}
+        restamps = {} if restamps is None else restamps
         while todo:
             wires = [self._send_line(line, stamp) for line, stamp in todo]
             async with self._slots, self._locks.hold(self.sink.lock_key(w) for w in wires):
@@ -552,7 +574,25 @@ class Flusher:
                     report.left += len(retry)
                     return
                 s = self.settings
-                await anyio.sleep(backoff_delay(failures, s.retry_backoff, s.retry_backoff_max, retry_after))
+                wait = backoff_delay(failures, s.retry_backoff, s.retry_backoff_max, retry_after)
+                if retries is not None and retry:
+                    retries.start_soon(
+                        functools.partial(
+                            self._send,
+                            shard,
+                            seq,
+                            token,
+                            retry,
+                            report,
+                            batch,
+                            acks,
+                            failures=failures,
+                            restamps=restamps,
+                            delay=wait,
+                        )
+                    )
+                    return
+                await anyio.sleep(wait)
             todo = retry
 
     def _log_outcomes(

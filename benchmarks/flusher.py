@@ -74,8 +74,12 @@ def serve_emulator(sink: str, targets: int, out: str) -> None:
 
 async def one_run(
     sink: SinkName, url: str, emu_url: str, seeded: list[list[str | None]], concurrency: int, seconds: float
-) -> tuple[int, float, int]:
-    """Count one unit for every seeded target, then time the flusher delivering them: (lines, s, dead)."""
+) -> tuple[int, float, int, float]:
+    """Count one unit for every seeded target, then time the flusher delivering them.
+
+    Returns (lines, seconds, dead, CPU seconds this process spent delivering): the CPU per line is the
+    figure that holds on a shared machine, where lines/s moves with the other load.
+    """
     redis = aioredis.Redis.from_url(url)
     await redis.flushdb()
     layout = Layout("mm", SHARDS)
@@ -97,15 +101,16 @@ async def one_run(
         batch_size=1000,
     )
     dead = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     async with Flusher(settings) as flusher:
         with anyio.move_on_after(seconds or None):
             dead = (await flusher.flush_once()).dead
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     # Lines acknowledged by now (each target carries one unit), also when the run was cut short.
     sent = sum([await redis.hlen(layout.delivered(s)) for s in range(SHARDS)]) + dead
     await redis.aclose()
-    return sent, elapsed, dead
+    return sent, elapsed, dead, cpu
 
 
 def bench_sink(
@@ -118,6 +123,7 @@ def bench_sink(
     uvloop: bool = False,
 ) -> float:
     rates: list[float] = []
+    cpus: list[float] = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "emulator.json")
@@ -137,7 +143,7 @@ def bench_sink(
                 if child.stdout.readline().strip() != "ready":
                     raise SystemExit(f"the emulator process failed to start (exit {child.wait()})")
                 fixture = json.loads(Path(out).read_text())
-                sent, elapsed, dead = anyio.run(
+                sent, elapsed, dead, cpu = anyio.run(
                     one_run,
                     sink,
                     url,
@@ -152,13 +158,19 @@ def bench_sink(
                 child.wait(timeout=30)
         rate = sent / elapsed
         rates.append(rate)
+        cpus.append(cpu * 1e3 / max(1, sent))
         print(
-            f"{sink:20s} {sent:6d} lines in {elapsed:6.2f}s = {rate:8.0f} lines/s (dead {dead})",
+            f"{sink:20s} {sent:6d} lines in {elapsed:6.2f}s = {rate:8.0f} lines/s (dead {dead}),"
+            f" flusher CPU {cpus[-1]:.3f} ms/line",
             flush=True,
         )
     median = statistics.median(rates)
     if repeat > 1:
-        print(f"{sink:20s} median of {repeat}: {median:8.0f} lines/s", flush=True)
+        print(
+            f"{sink:20s} median of {repeat}: {median:8.0f} lines/s,"
+            f" flusher CPU {statistics.median(cpus):.3f} ms/line",
+            flush=True,
+        )
     return median
 
 

@@ -14,12 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import quote, urlencode
 
 import anyio
 import stripe
 from stripe._base_address import BaseAddresses
-from stripe._request_options import merge_options
+from stripe.params.billing import MeterEventCreateParams
 from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
 
 from metered_middleware._delivery_config import DeliverySettings
@@ -178,40 +177,23 @@ class _HTTPXClient(stripe.HTTPXClient):
     """The SDK's httpx client, sending the encoded body as ``content=`` (httpx deprecates raw ``data=``).
 
     With ``concurrency``, async requests go through one small keep-alive pool per concurrent request (the
-    least busy one is picked), every connection reused for later requests. Those pools are httpcore's,
-    the transport under httpx, used directly: ``httpx.AsyncClient`` around each request (building a
-    ``Request``, cookie extraction, auth and redirect layers, response stream wrappers) cost ~40% of the
-    flusher's CPU, more than the HTTP exchange itself. The request is the one httpx would send (the
-    SDK's headers, plus ``Host``, ``Content-Length``, ``Accept``); any failure raises the SDK's
-    ``APIConnectionError`` as before, and the response headers are case-insensitive ``httpx.Headers``.
+    least busy one is picked), every connection reused for later requests.
     """
 
     def __init__(self, timeout: float, concurrency: int | None = None) -> None:
         super().__init__(timeout=timeout)
         self._pools: list[Any] = [self._client_async]
-        self._core = False
         if concurrency:
-            import httpcore
             import httpx
 
-            if self._verify_ssl_certs:
-                context = ssl.create_default_context(cafile=stripe.ca_bundle_path)
-            else:  # what httpx does for verify=False
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            verify = (
+                ssl.create_default_context(cafile=stripe.ca_bundle_path) if self._verify_ssl_certs else False
+            )
             pools = max(1, -(-concurrency // _CONNECTIONS_PER_POOL))
             # Room for one more request per pool than its share (the session call of the v2 stream).
             size = -(-concurrency // pools) + 1
-            self._pools = [
-                httpcore.AsyncConnectionPool(
-                    ssl_context=context, max_connections=size, max_keepalive_connections=size
-                )
-                for _ in range(pools)
-            ]
-            self._core = True
-            self._headers_type = httpx.Headers
-            self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            self._pools = [httpx.AsyncClient(verify=verify, limits=limits) for _ in range(pools)]
         self._busy = [0] * len(self._pools)
 
     async def request_async(
@@ -219,29 +201,13 @@ class _HTTPXClient(stripe.HTTPXClient):
     ) -> tuple[bytes, int, Mapping[str, str]]:
         """The SDK's request through the least busy pool."""
         index = self._busy.index(min(self._busy))
-        if not self._core:
-            return await super().request_async(method, url, headers, post_data)
+        # The SDK's method reads ``_client_async`` before its first await: no other request runs in between.
+        self._client_async = self._pools[index]
         self._busy[index] += 1
         try:
-            return await self._core_request(self._pools[index], method, url, headers, post_data)
+            return await super().request_async(method, url, headers, post_data)
         finally:
             self._busy[index] -= 1
-
-    async def _core_request(
-        self, pool: Any, method: str, url: str, headers: Mapping[str, str], post_data: Any
-    ) -> tuple[bytes, int, Mapping[str, str]]:
-        body = post_data.encode() if isinstance(post_data, str) else (post_data or b"")
-        raw = [(b"Host", url.split("/", 3)[2].encode()), (b"Accept", b"*/*")]
-        raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-        if body or method.lower() in ("post", "put", "patch"):
-            raw.append((b"Content-Length", str(len(body)).encode()))
-        try:
-            response = await pool.request(
-                method.upper(), url, headers=raw, content=body, extensions={"timeout": self._timeouts}
-            )
-        except Exception as e:
-            self._handle_request_error(e)
-        return response.content, response.status, self._headers_type(response.headers)
 
     async def close_async(self) -> None:
         """Close every pool."""
@@ -280,58 +246,6 @@ async def _guard(call: Any) -> Outcome:
     return DELIVERED
 
 
-class _V1Poster:
-    """A lean path for the v1 POSTs the flusher makes, through the client's own requestor and HTTP client.
-
-    The SDK's ``create_async`` / ``raw_request_async`` rebuild the same headers (user agent JSON, platform
-    lookup, environment scan) and log-format the body for every request, then parse the response into a
-    StripeObject the flusher never reads: ~20% of the flusher's CPU at 10k targets. Here the headers are
-    built once per API version by the SDK's own ``request_headers`` (so they are exactly what the SDK sends)
-    and only the idempotency key changes per request; the body is the SDK's form encoding of flat
-    parameters. A 2xx (including an idempotent replay) is success without parsing the body; any other
-    status goes through the SDK's ``_interpret_response``, which raises the same ``StripeError`` (type,
-    code, headers such as ``Stripe-Should-Retry``) that ``create_async`` would, so ``classify`` is unchanged.
-    Network failures raise the HTTP client's ``APIConnectionError`` as before; no SDK retries (0).
-    """
-
-    def __init__(self, client: stripe.StripeClient) -> None:
-        requestor = client._requestor
-        self._requestor = requestor
-        self._http = requestor._get_http_client()
-        self._base = requestor._options.base_addresses.get("api") or stripe.DEFAULT_API_BASE
-        self._headers: dict[str | None, dict[str, str]] = {}
-
-    def _base_headers(self, stripe_version: str | None) -> dict[str, str]:
-        headers = self._headers.get(stripe_version)
-        if headers is None:
-            options = merge_options(
-                self._requestor._options, {"stripe_version": stripe_version} if stripe_version else None
-            )
-            if options.get("api_key") is None:
-                raise stripe.AuthenticationError("No API key provided.")
-            headers = dict(self._requestor.request_headers("post", "V1", options))
-            headers.pop("Idempotency-Key", None)
-            self._headers[stripe_version] = headers
-        return headers
-
-    async def post(
-        self,
-        path: str,
-        fields: Sequence[tuple[str, str | int]],
-        idempotency_key: str,
-        stripe_version: str | None = None,
-    ) -> None:
-        """POST form ``fields`` to ``path``; returns on 2xx, raises the SDK's ``StripeError`` otherwise."""
-        headers = {**self._base_headers(stripe_version), "Idempotency-Key": idempotency_key}
-        # The SDK's encoding (urlencode, then square brackets left literal).
-        body = urlencode(fields).replace("%5B", "[").replace("%5D", "]")
-        rbody, rcode, rheaders = await self._http.request_with_retries_async(
-            "post", self._base + path, headers, body, max_network_retries=0
-        )
-        if not 200 <= rcode < 300:
-            self._requestor._interpret_response(rbody, rcode, rheaders, "V1")  # raises
-
-
 class UsageRecordsSink:
     """Legacy usage records on the subscription item (``action=increment``), on a pre-2025-03-31 API."""
 
@@ -341,7 +255,6 @@ class UsageRecordsSink:
     def __init__(self, client: stripe.StripeClient, legacy_api_version: str) -> None:
         self.client = client
         self.legacy_api_version = legacy_api_version
-        self._poster = _V1Poster(client)
 
     def lock_key(self, line: SendLine) -> str:
         """Usage records serialise per subscription item."""
@@ -354,12 +267,16 @@ class UsageRecordsSink:
     async def _send_one(self, line: SendLine) -> Outcome:
         if not line.subscription_item:
             return Outcome("dead", "no_subscription_item", {"message": "target has no subscription item"})
+        # raw_request takes request options as top-level keywords (extract_options_from_dict pops them).
         return await _guard(
-            self._poster.post(
-                f"/v1/subscription_items/{quote(line.subscription_item, safe='')}/usage_records",
-                (("quantity", line.units), ("timestamp", line.timestamp), ("action", "increment")),
-                line.key,
-                self.legacy_api_version,
+            self.client.raw_request_async(
+                "post",
+                f"/v1/subscription_items/{line.subscription_item}/usage_records",
+                quantity=line.units,
+                timestamp=line.timestamp,
+                action="increment",
+                stripe_version=self.legacy_api_version,
+                idempotency_key=line.key,
             )
         )
 
@@ -373,7 +290,6 @@ class MeterEventsSink:
     def __init__(self, client: stripe.StripeClient, default_event_name: str | None = None) -> None:
         self.client = client
         self.default_event_name = default_event_name
-        self._poster = _V1Poster(client)
 
     def lock_key(self, line: SendLine) -> str:
         """Stripe allows one concurrent call per customer and meter."""
@@ -387,15 +303,15 @@ class MeterEventsSink:
         event_name = line.event_name or self.default_event_name
         if not event_name:
             return _NO_EVENT_NAME
-        # The parameters of billing.meter_events.create, form-encoded as the SDK encodes them.
-        fields = (
-            ("event_name", event_name),
-            ("payload[stripe_customer_id]", line.customer),
-            ("payload[value]", str(line.units)),
-            ("identifier", line.key),
-            ("timestamp", line.timestamp),
+        params: MeterEventCreateParams = {
+            "event_name": event_name,
+            "payload": {"stripe_customer_id": line.customer, "value": str(line.units)},
+            "identifier": line.key,
+            "timestamp": line.timestamp,
+        }
+        return await _guard(
+            self.client.v1.billing.meter_events.create_async(params, {"idempotency_key": line.key})
         )
-        return await _guard(self._poster.post("/v1/billing/meter_events", fields, line.key))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from metered_middleware._errors import ConfigurationError
-from metered_middleware._parse import check_store, parse_int, parse_seconds, read_store, taker
+from metered_middleware._parse import check_store, parse_choice, parse_int, parse_seconds, read_store, taker
 
 __all__ = ["SINKS", "DeliverySettings", "SinkName"]
 
@@ -140,7 +140,7 @@ class DeliverySettings:
 
         read_store(env, values)
         take = taker(env, values)
-        take("METERED_SINK", "sink", _choice(SINKS))
+        take("METERED_SINK", "sink", parse_choice(SINKS))
         take("METERED_METER_EVENT_NAME", "meter_event_name", lambda _n, r: r.strip())
         take("METERED_FLUSH_INTERVAL", "flush_interval", lambda n, r: parse_seconds(n, r, 0.01, 86_400))
         take("METERED_STRIPE_API_BASE", "api_base", _url)
@@ -168,13 +168,3 @@ def _redact(key: str | None) -> str:
     if not key:
         return ""
     return key[:8] + "…" if len(key) > 12 else "…"
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ConfigurationError(name, raw, " or ".join(repr(c) for c in choices))
-        return value
-
-    return parse

@@ -123,10 +123,16 @@ def test_rate_limit_token_bucket(stripe_emulator: StripeEmulator, stripe_client:
 
 
 def test_rate_limit_refills(stripe_emulator: StripeEmulator, stripe_client: stripe.StripeClient) -> None:
-    """The bucket refills at the configured rate."""
+    """Once the bucket is empty calls get 429, and a fifth of a second later (4 tokens at 20/s) they pass."""
     stripe_emulator.rate_limit = 20
-    for _ in range(20):
-        stripe_client.v1.customers.list()
+    limited = 0
+    for _ in range(60):
+        try:
+            stripe_client.v1.customers.list()
+        except stripe.RateLimitError:
+            limited += 1
+            break
+    assert limited == 1, "60 calls at once never met the 20/s limit"
     time.sleep(0.2)
     stripe_client.v1.customers.list()
 

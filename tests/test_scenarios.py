@@ -114,3 +114,39 @@ async def test_redis_restart_mid_traffic(
     else:
         assert 503 not in statuses, statuses
     await client.aclose()
+
+
+@pytest.mark.parametrize(("window", "wait"), [(0.05, 0.5), (0.0, 0.0)])
+async def test_kill_9_loses_at_most_the_open_window(
+    redis_client: aioredis.Redis, redis_url: str, window: float, wait: float
+) -> None:
+    """SIGKILL of an app process loses no count older than one coalescing window; with window 0, none at all.
+
+    The process serves its requests, reports how many got a 200, and is killed without any shutdown: once a
+    window has passed (or at once, with window 0) Redis holds every one of them.
+    """
+    registry = KeyRegistry(redis_client)
+    keys = [(await registry.create(target(i))).key for i in range(5)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.load_instance",
+        redis_url,
+        "10",
+        "30",
+        str(window),
+        "hold",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write("\n".join(keys).encode())
+    proc.stdin.close()
+    served = int(await asyncio.wait_for(proc.stdout.readline(), 60))
+    await asyncio.sleep(wait)
+    proc.kill()
+    assert await proc.wait() == -9
+    assert served == 300
+    totals = await pending_totals(redis_client, Layout("mm", 4))
+    assert sum(totals.values()) == served

@@ -179,7 +179,16 @@ class MeteringMiddleware:
 
     # -- admission -----------------------------------------------------------------------------------------
     async def _admit(self, scope: Scope) -> BillingTarget | str | None:
-        """The caller's target, an error code to refuse with, or None when the path is not metered."""
+        """The caller's target, an error code to refuse with, or None when the path is not metered.
+
+        Refusals are counted here, where they are decided, for HTTP and websockets alike.
+        """
+        admitted = await self._decide(scope)
+        if isinstance(admitted, str):
+            self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
+        return admitted
+
+    async def _decide(self, scope: Scope) -> BillingTarget | str | None:
         if self._excluded is not None and self._excluded.match(scope["path"]):
             return None
         settings = self.settings
@@ -239,7 +248,6 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(admitted, str):
-            self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
             await self.rejections.http(send, admitted)
             return
         await self._http_admitted(
@@ -274,7 +282,6 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(admitted, str):
-            self.rejected[admitted] = self.rejected.get(admitted, 0) + 1
             message = await receive()
             if message["type"] == "websocket.connect":
                 await send({"type": "websocket.close", "code": _WS_POLICY, "reason": admitted})

@@ -14,6 +14,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from metered_middleware._layout import Layout
+from metered_middleware._store import CountStore, CountWrite
+from metered_middleware._target import BillingTarget
 
 Message = MutableMapping[str, Any]
 
@@ -120,3 +122,15 @@ class Lifespan:
         assert message["type"] == "lifespan.shutdown.complete", message
         assert self._task is not None
         await self._task
+
+
+async def count_as_middleware(
+    redis: aioredis.Redis, layout: Layout, writer: str, seq: int, lines: list[tuple[BillingTarget, int]]
+) -> None:
+    """Write counts the way the middleware's counter does: one idempotent (writer, seq) write per shard."""
+    by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
+    for target, units in lines:
+        by_shard.setdefault(layout.shard_of(target.target_id), []).append((target, units))
+    writes = [CountWrite(shard, writer, seq, group) for shard, group in by_shard.items()]
+    results = await CountStore(redis, layout).apply(writes)
+    assert all(r is True for r in results), results

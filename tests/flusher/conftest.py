@@ -14,9 +14,9 @@ import stripe
 from metered_middleware._delivery import DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._layout import Layout
-from metered_middleware._store import CountStore, CountWrite
 from metered_middleware._target import BillingTarget
 from metered_middleware.testing.emulator import StripeEmulator
+from tests.helpers import count_as_middleware
 
 SINKS = ("meter_events", "usage_records", "meter_event_stream")
 EVENT = "api_requests"
@@ -160,14 +160,10 @@ class World:
 
     async def count(self, lines: list[tuple[BillingTarget, int]]) -> None:
         """Count usage exactly as the middleware does (one idempotent write per shard)."""
-        by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
         for target, units in lines:
-            by_shard.setdefault(self.layout.shard_of(target.target_id), []).append((target, units))
             self.counted[target.target_id] = self.counted.get(target.target_id, 0) + units
         self._seq += 1
-        writes = [CountWrite(shard, "test", self._seq, group) for shard, group in by_shard.items()]
-        results = await CountStore(self.redis, self.layout).apply(writes)
-        assert all(r is True for r in results)
+        await count_as_middleware(self.redis, self.layout, "test", self._seq, lines)
 
     def stripe_total(self, target: BillingTarget, *, period_start: int | None = None) -> int:
         """Usage Stripe recorded for a target (in one period if given)."""

@@ -13,9 +13,9 @@ import stripe
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
-from metered_middleware._store import CountStore, CountWrite
 from metered_middleware._target import BillingTarget
 from metered_middleware.testing.emulator import StripeEmulator
+from tests.helpers import count_as_middleware
 
 EVENT = "api_requests"
 LEGACY = "2025-02-24.acacia"
@@ -65,13 +65,10 @@ class Billing:
 
     async def count(self, redis: aioredis.Redis, lines: list[tuple[BillingTarget, int]]) -> None:
         """Count usage exactly as the middleware does."""
-        by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
         for target, units in lines:
-            by_shard.setdefault(self.layout.shard_of(target.target_id), []).append((target, units))
             self.counted[target.target_id] = self.counted.get(target.target_id, 0) + units
         self._seq += 1
-        writes = [CountWrite(shard, "ops-test", self._seq, group) for shard, group in by_shard.items()]
-        assert all(r is True for r in await CountStore(redis, self.layout).apply(writes))
+        await count_as_middleware(redis, self.layout, "ops-test", self._seq, lines)
 
     def settings(self, **overrides: Any) -> DeliverySettings:
         """Flusher settings for this emulator and Redis, tuned for fast tests."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 import redis.asyncio as aioredis
 
-from metered_middleware import BillingTarget, KeyRegistry, hash_key
+from metered_middleware import INACTIVE_STATUSES, BillingTarget, KeyRegistry, hash_key
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +138,21 @@ async def test_update_subscription_changes_every_key_on_it(redis_client: aioredi
     canceled = await registry.resolve(a.key)
     assert canceled is not None
     assert not canceled.active
+
+
+@pytest.mark.parametrize(
+    ("changes", "admissible"),
+    [
+        ({}, True),
+        ({"status": "trialing"}, True),
+        ({"status": "past_due"}, True),
+        ({"revoked": True}, False),
+        *(({"status": status}, False) for status in sorted(INACTIVE_STATUSES)),
+    ],
+)
+def test_admissible_is_derived_from_revocation_and_status(changes: dict[str, Any], admissible: bool) -> None:
+    """The middleware's fast path trusts ``admissible``; it must agree with ``revoked`` and ``active``."""
+    target = replace(TARGET, **changes)
+    assert target.admissible is admissible
+    assert target.admissible == (not target.revoked and target.active)
+    assert BillingTarget.from_fields(target.to_fields()).admissible is admissible

@@ -6,7 +6,7 @@ import contextlib
 import fnmatch
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from hashlib import sha256
 from time import monotonic
 from typing import Unpack
@@ -30,9 +30,6 @@ __all__ = ["MeteringMiddleware"]
 
 
 log = logging.getLogger("metered_middleware")
-
-# A key as extract_key accepts it: visible ASCII, no spaces (its length is checked apart).
-_VISIBLE = re.compile(rb"[!-~]+")
 
 # Close code for a refused websocket handshake: 1008 is "policy violation"; the reason carries our code.
 _WS_POLICY = 1008
@@ -98,6 +95,7 @@ class MeteringMiddleware:
         # Everything the request path consults is derived here, once.
         self._header_names = frozenset(h.encode("latin-1") for h in settings.key_headers)
         self._excluded = _glob_regex(settings.exclude_paths)
+        self._excluded_paths: dict[str, bool] = {}
         self._weights = [
             (w.method, re.compile(fnmatch.translate(w.pattern)), w.weight) for w in settings.route_weights
         ]
@@ -117,17 +115,23 @@ class MeteringMiddleware:
             await self._other(scope, receive, send)
             return
         # The HTTP path, inline: every frame and lookup here is paid on every request of every customer.
-        if self._excluded is not None and self._excluded.match(scope["path"]):
-            await self.app(scope, receive, send)
-            return
+        if self._excluded is not None:
+            excluded = self._excluded_paths.get(scope["path"])
+            if excluded is None:
+                excluded = self._is_excluded(scope["path"])
+            if excluded:
+                await self.app(scope, receive, send)
+                return
         target: BillingTarget | None = None
         if self._fast_keys:
             # The common case, scanned here: one key in the Authorization header (Bearer) or a key header.
-            # Anything unusual (two key headers, odd bytes, no key) is left to the general path's answer.
+            # Anything unusual (two key headers, no key, a key not cached) is left to the general path.
             found: bytes | None = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
-                    if not self._bearer or value[:7].lower() != b"bearer ":
+                    if not self._bearer or (
+                        not value.startswith(b"Bearer ") and value[:7].lower() != b"bearer "
+                    ):
                         continue
                     value = value[7:]
                 elif name not in self._header_names:
@@ -136,18 +140,13 @@ class MeteringMiddleware:
                     found = None
                     break
                 found = value
-            if found is not None:
-                found = found.strip()
-                if len(found) <= self._max_key_length and _VISIBLE.fullmatch(found) is not None:
-                    entry = self._cache_entries.get(sha256(found).digest())
-                    if entry is not None and entry[0] > monotonic():
-                        target = entry[1]
-        if (
-            target is None
-            or target.revoked
-            or not target.active
-            or (self._closed_mode and not self.counter.healthy)
-        ):
+            # No validation of the bytes here: only keys the general path validated are ever cached, so a
+            # cache hit is a valid key, and anything else (padding, odd bytes) misses and is judged there.
+            if found is not None and len(found) <= self._max_key_length:
+                entry = self._cache_entries.get(sha256(found).digest())
+                if entry is not None and entry[0] > monotonic():
+                    target = entry[1]
+        if target is None or not target.admissible or (self._closed_mode and not self.counter.healthy):
             await self._http(scope, receive, send)  # misses, refusals, query-string keys: the general path
             return
         state = scope.get("state")
@@ -161,12 +160,23 @@ class MeteringMiddleware:
         add = self.counter.add
         statuses = self._statuses
 
-        async def counted_send(message: Message) -> None:
+        # A plain function returning send's awaitable: no coroutine of our own per message.
+        def counted_send(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start" and message["status"] in statuses:
                 add(target, weight)
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, counted_send)
+
+    def _is_excluded(self, path: str) -> bool:
+        excluded = self._excluded_paths.get(path)
+        if excluded is None:
+            assert self._excluded is not None
+            excluded = self._excluded.match(path) is not None
+            if len(self._excluded_paths) >= 10_000:
+                self._excluded_paths.clear()  # paths with ids in them: keep the cache bounded
+            self._excluded_paths[path] = excluded
+        return excluded
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -189,7 +199,7 @@ class MeteringMiddleware:
         return admitted
 
     async def _decide(self, scope: Scope) -> BillingTarget | str | None:
-        if self._excluded is not None and self._excluded.match(scope["path"]):
+        if self._excluded is not None and self._is_excluded(scope["path"]):
             return None
         settings = self.settings
         try:

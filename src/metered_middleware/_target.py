@@ -35,6 +35,9 @@ class BillingTarget:
     ``meter_event_name`` are what Billing Meter events carry. The period bounds are Unix seconds;
     ``test_clock`` is set when the subscription runs on a Stripe test clock, whose frozen time then
     stamps the usage.
+
+    ``admissible`` (derived) is whether requests under the target may be served and counted: the key is
+    not revoked and the subscription's status is not one of ``INACTIVE_STATUSES``.
     """
 
     customer: str
@@ -49,6 +52,7 @@ class BillingTarget:
     plan: str | None = None
     revoked: bool = False
     target_id: str = field(init=False, repr=False, compare=False)
+    admissible: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("customer", "subscription_item", "meter_event_name"):
@@ -63,6 +67,8 @@ class BillingTarget:
             "target_id",
             _SEP.join((self.customer, self.subscription_item or "", self.meter_event_name or "")),
         )
+        # What the middleware's fast path checks on every request, derived once (the target is frozen).
+        object.__setattr__(self, "admissible", not self.revoked and self.active)
 
     @property
     def active(self) -> bool:

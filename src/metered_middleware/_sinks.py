@@ -18,7 +18,6 @@ from typing import Any, Final, Literal, Protocol
 import anyio
 import stripe
 from stripe._base_address import BaseAddresses
-from stripe.params.billing import MeterEventCreateParams
 from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
 
 from metered_middleware._delivery_config import DeliverySettings
@@ -303,14 +302,18 @@ class MeterEventsSink:
         event_name = line.event_name or self.default_event_name
         if not event_name:
             return _NO_EVENT_NAME
-        params: MeterEventCreateParams = {
-            "event_name": event_name,
-            "payload": {"stripe_customer_id": line.customer, "value": str(line.units)},
-            "identifier": line.key,
-            "timestamp": line.timestamp,
-        }
+        # raw_request: the same request, error mapping and idempotency key as ``meter_events.create``,
+        # without building a MeterEvent object from the answer (nothing reads it).
         return await _guard(
-            self.client.v1.billing.meter_events.create_async(params, {"idempotency_key": line.key})
+            self.client.raw_request_async(
+                "post",
+                "/v1/billing/meter_events",
+                event_name=event_name,
+                payload={"stripe_customer_id": line.customer, "value": str(line.units)},
+                identifier=line.key,
+                timestamp=line.timestamp,
+                idempotency_key=line.key,
+            )
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -10,10 +10,14 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._flusher import Flusher
+from metered_middleware._layout import Layout
 from metered_middleware._lifespan import flusher_lifespan
 from metered_middleware._redis_server import RedisServer
+from metered_middleware._sinks import Outcome, SendLine
 from metered_middleware._target import BillingTarget
+from tests.helpers import count_as_middleware
 
 from .conftest import World
 
@@ -244,3 +248,48 @@ async def test_period_rollover_lands_usage_in_its_period_or_restamps_it_explicit
         if line["pricing"]["price_details"]["price"] == world.price
     ]
     assert [line["quantity"] for line in metered] == [5]
+
+
+class _StaggeredSink:
+    """Answers each line as delivered after 1-15 ms, so concurrent sends finish spread out in time."""
+
+    name = "staggered"
+    batch_limit = 1
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def lock_key(self, line: SendLine) -> str:
+        return line.target_id
+
+    async def send(self, lines: Sequence[SendLine]) -> list[Outcome]:
+        self.calls += 1
+        await anyio.sleep(0.001 * (2 * (self.calls % 8) + 1))
+        return [Outcome("delivered") for _ in lines]
+
+
+async def test_acks_of_concurrent_sends_share_redis_round_trips(
+    redis_client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While other sends are in flight, delivered lines are acknowledged together, several per script call."""
+    layout = Layout("mm", 1)
+    targets = [BillingTarget(customer=f"cus_{i}", meter_event_name="api_requests") for i in range(48)]
+    await count_as_middleware(redis_client, layout, "test", 1, [(t, 2) for t in targets])
+    settings = DeliverySettings(
+        stripe_api_key="sk_test_x", redis_url=redis_url, shards=1, rate_limit=0, max_concurrency=8
+    )
+    calls: list[int] = []
+    async with Flusher(settings, redis=redis_client, sink=_StaggeredSink()) as flusher:
+        ack = flusher.store.ack
+
+        async def counting_ack(shard: int, seq: int, token: str, lines: Iterable[tuple[str, str]]) -> int:
+            todo = list(lines)
+            calls.append(len(todo))
+            return await ack(shard, seq, token, todo)
+
+        monkeypatch.setattr(flusher.store, "ack", counting_ack)
+        report = await flusher.flush_once()
+    assert report.complete, report
+    assert report.delivered == sum(calls) == len(targets)
+    assert await redis_client.hlen(layout.delivered(0)) == len(targets)
+    assert len(calls) <= len(targets) // 4, calls

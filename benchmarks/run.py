@@ -140,7 +140,7 @@ def server(
         sys.executable,
         "-m",
         "uvicorn",
-        f"benchmarks.app:{factory}",
+        (factory if ":" in factory else f"benchmarks.app:{factory}"),
         "--factory",
         "--host",
         "127.0.0.1",
@@ -177,6 +177,50 @@ def server(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@contextlib.contextmanager
+def flusher_worker(env: dict[str, str], *, cpus: str) -> Iterator[subprocess.Popen[bytes] | None]:
+    """``metered-middleware flush`` as its own process (the deployment for busy apps), or nothing."""
+    if env.get("MM_BENCH_FLUSHER") != "worker":
+        yield None
+        return
+    worker_env = {
+        **os.environ,
+        "STRIPE_API_KEY": "sk_test_benchmark",
+        "METERED_REDIS_URL": env["MM_BENCH_REDIS_URL"],
+        "METERED_STRIPE_API_BASE": env["MM_BENCH_STRIPE_URL"],
+        "METERED_SINK": env["MM_BENCH_SINK"],
+        "METERED_METER_EVENT_NAME": METER_EVENT_NAME,
+        "METERED_RATE_LIMIT": env["MM_BENCH_STRIPE_RATE"],
+        "METERED_FLUSH_INTERVAL": env["MM_BENCH_FLUSH_INTERVAL"],
+        "METERED_SHUTDOWN_GRACE": "2",
+    }
+    command = [*pin(cpus), sys.executable, "-m", "metered_middleware.cli", "flush"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=worker_env, start_new_session=True)
+    try:
+        # Serve once the worker holds every shard's lease: its first pass (claims run an HGETALL, which would
+        # read as key lookups) is then over or under way before the measured run, as in a long-running app.
+        layout = Layout()
+        client = redis.Redis.from_url(env["MM_BENCH_REDIS_URL"])
+        deadline = time.monotonic() + 30
+        while client.exists(*(layout.lease(s) for s in range(layout.shards))) < layout.shards:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the flusher worker did not take its leases within 30 s")
+            time.sleep(0.05)
+        client.close()
+        time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        elif proc.returncode:
+            raise RuntimeError(f"the flusher worker exited with {proc.returncode}")
 
 
 # -- load generators --------------------------------------------------------------------------------
@@ -362,13 +406,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="bare/metered pairs, at least 3 (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (default 1)")
     parser.add_argument("--app-cpus", default="0", help="cores for the servers (taskset -c, default 0)")
-    parser.add_argument("--sink", default="meter_events", help="the in-app flusher's sink (meter_events)")
-    parser.add_argument("--stripe-rate", default="auto", help="in-app flusher's Stripe rate limit (auto)")
-    parser.add_argument("--flush-interval", type=float, default=5.0, help="in-app flusher's interval (5 s)")
     parser.add_argument(
-        "--no-in-app-flusher",
-        action="store_true",
-        help="leave the flusher out of the metered app (to tell its cost from the middleware's)",
+        "--flusher",
+        choices=("worker", "in-app", "none"),
+        default="worker",
+        help="where the metered stack's flusher runs: its own `metered-middleware flush` process on the "
+        "load core (worker, the default), in the app's lifespan on the app's core (in-app), or not at all",
+    )
+    parser.add_argument("--sink", default="meter_events", help="the flusher's sink (meter_events)")
+    parser.add_argument("--stripe-rate", default="auto", help="the flusher's Stripe rate limit (auto)")
+    parser.add_argument("--flush-interval", type=float, default=5.0, help="the flusher's interval (5 s)")
+    parser.add_argument(
+        "--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW of the metered app (0.05 s)"
     )
     parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
     parser.add_argument(
@@ -440,7 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "MM_BENCH_SINK": args.sink,
             "MM_BENCH_STRIPE_RATE": args.stripe_rate,
             "MM_BENCH_FLUSH_INTERVAL": str(args.flush_interval),
-            "MM_BENCH_IN_APP_FLUSHER": "0" if args.no_in_app_flusher else "1",
+            "MM_BENCH_IN_APP_FLUSHER": "1" if args.flusher == "in-app" else "0",
+            "MM_BENCH_FLUSHER": args.flusher,
+            "MM_BENCH_COALESCE_WINDOW": str(args.window),
         }
         stats = redis.Redis.from_url(redis_server.url)
 
@@ -454,7 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in ("bare", "metered"):
                 port = free_port()
                 factory = "create_bare" if variant == "bare" else "create_metered"
-                with server(factory, port, env, workers=args.workers, cpus=app_cpus) as proc:
+                worker_env = env if variant == "metered" else {**env, "MM_BENCH_FLUSHER": "none"}
+                with (
+                    flusher_worker(worker_env, cpus=load_cpus) as worker,
+                    server(factory, port, env, workers=args.workers, cpus=app_cpus) as proc,
+                ):
                     url = f"http://127.0.0.1:{port}"
                     drive(url, args.warmup)
                     spy = None
@@ -463,8 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         spy = start_profile(proc.pid, out, args.duration)
                     before = command_counts(stats)
                     cpu_before = process_cpu(proc.pid)
+                    worker_before = process_cpu(worker.pid) if worker is not None else 0.0
                     load = drive(url, args.duration)
                     cpu = process_cpu(proc.pid) - cpu_before
+                    worker_cpu = process_cpu(worker.pid) - worker_before if worker is not None else 0.0
                     commands = delta(before, command_counts(stats))
                     if spy is not None:
                         spy.wait()
@@ -474,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
                     f"p99 {load.p99_ms:6.2f} ms  CPU {sample.cpu_us_per_request:5.1f} us/req "
                     f"busy {sample.busy:4.0%}  "
-                    f"non-2xx {load.non2xx}  socket errors {load.socket_errors}",
+                    f"non-2xx {load.non2xx}  socket errors {load.socket_errors}"
+                    + (f"  flusher worker busy {worker_cpu / load.seconds:4.0%}" if worker_cpu else ""),
                     flush=True,
                 )
         memory = asyncio.run(memory_per_target(redis_server.url, targets))
@@ -525,6 +583,8 @@ def summarize(
         "duration": args.duration,
         "rounds": args.rounds,
         "workers": args.workers,
+        "flusher": args.flusher,
+        "window": args.window,
     }
     for variant in ("bare", "metered"):
         mine = [s.load for s in samples if s.variant == variant]
@@ -568,7 +628,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print()
     print(
         f"{summary['connections']} connections, {summary['keys']} keys, {summary['rounds']} rounds of "
-        f"{summary['duration']:g} s, {summary['workers']} worker(s); medians"
+        f"{summary['duration']:g} s, {summary['workers']} worker(s), flusher {summary['flusher']}, "
+        f"window {summary['window']:g} s; medians"
     )
     print("| | requests/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|")

@@ -659,6 +659,11 @@ def flusher_part(target_counts: Sequence[int]) -> int:
     if not script.exists():
         print("\nflusher part skipped: benchmarks/flusher.py is not there")
         return 0
+    # The load part pinned this process (and so its children) to the load cores: give the flusher and its
+    # emulator process the whole machine again, as when the script is run by hand.
+    if hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     status = 0
     for count in target_counts:
         print(

@@ -8,6 +8,7 @@ import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
+from metered_middleware import BillingTarget
 from metered_middleware._delivery import line_key
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._sinks import MeterEventsSink, SendLine, make_sink, make_stripe_client
@@ -17,10 +18,8 @@ from .conftest import EVENT, World
 pytestmark = pytest.mark.anyio
 
 
-async def test_v1_lines_carry_their_key_as_idempotency_key_and_identifier(world: World) -> None:
-    """Each v1 request sends the line's key as its idempotency key (and meter event identifier)."""
-    if world.sink == "meter_event_stream":
-        pytest.skip("the v2 stream deduplicates by identifier only")
+async def _deliver_one(world: World) -> tuple[BillingTarget, str]:
+    """Send one 7-unit line through the world's sink; it must be delivered. Returns its target and key."""
     target = world.subscribe("keyed")
     key = line_key("mm", 0, 1, 1_700_000_000_000, 1, target.target_id)
     assert target.period_start is not None
@@ -34,6 +33,14 @@ async def test_v1_lines_carry_their_key_as_idempotency_key_and_identifier(world:
     finally:
         await http.close_async()  # type: ignore[no-untyped-call]
     assert [o.kind for o in outcomes] == ["delivered"]
+    return target, key
+
+
+# The v1 sinks; the v2 stream has no idempotency key (its identifiers: the next test).
+@pytest.mark.parametrize("world", ["meter_events", "usage_records"], indirect=True)
+async def test_v1_lines_carry_their_key_as_idempotency_key_and_identifier(world: World) -> None:
+    """Each v1 request sends the line's key as its idempotency key (and meter event identifier)."""
+    target, key = await _deliver_one(world)
     sent = [r for r in world.emu.requests() if r.operation == f"{world.sink}.create"]
     assert [r.idempotency_key for r in sent] == [key]
     if world.sink == "meter_events":
@@ -106,3 +113,12 @@ async def test_requests_go_through_the_proxy_the_environment_names(monkeypatch: 
         tg.cancel_scope.cancel()
     assert [o.kind for o in outcomes] == ["delivered"]
     assert seen == [f"POST {api_base}/v1/billing/meter_events HTTP/1.1".encode()]
+
+
+@pytest.mark.parametrize("world", ["meter_event_stream"], indirect=True)
+async def test_stream_events_carry_their_key_as_identifier(world: World) -> None:
+    """The v2 stream has no idempotency key: each event's identifier is the line's key, sent unchanged."""
+    target, key = await _deliver_one(world)
+    sent = [r for r in world.emu.requests() if r.operation == "meter_event_stream.create"]
+    assert [[e["identifier"] for e in r.params["events"]] for r in sent] == [[key]]
+    assert world.stripe_total(target) == 7

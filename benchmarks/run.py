@@ -130,6 +130,20 @@ def other_cpus(app_cpus: str) -> str:
     return ",".join(rest) if rest else ""
 
 
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    """Stop a process group started with ``start_new_session`` (SIGTERM, then SIGKILL); its exit status
+    if it had exited by itself, else 0."""
+    if proc.poll() is not None:
+        return proc.returncode
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return 0
+
+
 @contextlib.contextmanager
 def server(
     factory: str, port: int, env: dict[str, str], *, workers: int, cpus: str
@@ -170,13 +184,7 @@ def server(
             time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -212,14 +220,7 @@ def flusher_worker(env: dict[str, str], *, cpus: str) -> Iterator[subprocess.Pop
         time.sleep(0.5)
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        elif proc.returncode:
+        if stop(proc):
             raise RuntimeError(f"the flusher worker exited with {proc.returncode}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -45,6 +46,30 @@ async def test_many_adds_one_write(redis_client: aioredis.Redis) -> None:
     await counter.flush()
     assert await pending_totals(redis_client, layout) == {A.target_id: 1000, B.target_id: 2000}
     assert counter.stats.writes <= 2  # at most one per shard touched
+    assert counter.stats.buffered_units == 0
+    await counter.aclose()
+
+
+async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(redis_client: aioredis.Redis) -> None:
+    """Grouping a big window yields to the event loop; a cancellation there (``aclose`` stopping the writer)
+    keeps the window, and the next flush writes every unit once, with what was counted meanwhile."""
+    layout = Layout("mm", 4)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10)
+    targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
+    for target in targets:
+        counter.add(target, 2)
+    task = asyncio.get_running_loop().create_task(counter.flush())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert counter._taking is not None, "the cancellation must land while the window is being grouped"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    counter.add(targets[0], 5)
+    await counter.flush()
+    expected = {t.target_id: 2 for t in targets}
+    expected[targets[0].target_id] = 7
+    assert await pending_totals(redis_client, layout) == expected
     assert counter.stats.buffered_units == 0
     await counter.aclose()
 

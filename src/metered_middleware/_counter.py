@@ -22,6 +22,10 @@ __all__ = ["Counter", "CounterStats"]
 
 log = logging.getLogger("metered_middleware.counter")
 
+# Lines grouped between two yields to the event loop while a window is taken: with 1,000 targets a window
+# the grouping is ~0.4 ms of loop time in a busy server, which every request in flight would wait out.
+_TAKE_CHUNK = 128
+
 
 @dataclass(slots=True)
 class CounterStats:
@@ -63,6 +67,8 @@ class Counter:
         self._buffer: dict[str, int] = {}
         self._targets: dict[str, BillingTarget] = {}
         self._outbox: list[CountWrite] | None = None
+        # A window swapped out of the buffer, not yet grouped into writes (kept across a cancellation).
+        self._taking: tuple[dict[str, int], dict[str, BillingTarget]] | None = None
         self._outbox_gen = 0
         self._buffer_gen = 1
         self._acked_gen = 0
@@ -133,10 +139,10 @@ class Counter:
 
     async def _flush_locked(self) -> None:
         if self._outbox is None:
-            if not self._buffer:
+            if not self._buffer and self._taking is None:
                 self._acked_gen = self._buffer_gen - 1
                 return
-            self._outbox = self._take_buffer()
+            self._outbox = await self._take_buffer()
         try:
             results = await self.store.apply(self._outbox)
         except StorageError:
@@ -159,19 +165,29 @@ class Counter:
         self.healthy = True
         self._overflow_logged = False
 
-    def _take_buffer(self) -> list[CountWrite]:
-        buffer, self._buffer = self._buffer, {}
-        targets, self._targets = self._targets, {}
-        self._outbox_gen = self._buffer_gen
-        self._buffer_gen += 1
+    async def _take_buffer(self) -> list[CountWrite]:
+        """Swap the window out of the buffer and group it into one write per shard.
+
+        The grouping yields to the event loop every few lines; the swapped-out window stays in ``_taking``
+        until its writes exist, so a cancellation in between (``aclose`` stopping the task) loses nothing.
+        """
+        if self._taking is None:
+            self._taking = (self._buffer, self._targets)
+            self._buffer, self._targets = {}, {}
+            self._outbox_gen = self._buffer_gen
+            self._buffer_gen += 1
+        buffer, targets = self._taking
         by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
         shard_of = self.layout.shard_of
-        for target_id, units in buffer.items():
+        for n, (target_id, units) in enumerate(buffer.items(), 1):
             by_shard.setdefault(shard_of(target_id), []).append((targets[target_id], units))
+            if n % _TAKE_CHUNK == 0:
+                await asyncio.sleep(0)
         writes: list[CountWrite] = []
         for shard, lines in sorted(by_shard.items()):
             self._seq += 1
             writes.append(CountWrite(shard, self._writer, self._seq, lines))
+        self._taking = None
         return writes
 
     def _mark_unhealthy(self) -> None:

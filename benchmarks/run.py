@@ -148,7 +148,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 def server(
     factory: str, port: int, env: dict[str, str], *, workers: int, cpus: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A uvicorn process serving ``benchmarks.app:<factory>``, stopped (SIGTERM, then SIGKILL) on exit."""
+    """A uvicorn process serving ``benchmarks.app:<factory>`` (or ``module:factory``), stopped on exit."""
     command = [
         *pin(cpus),
         sys.executable,

@@ -21,6 +21,7 @@ from metered_middleware import (
     MeteringMiddleware,
     StaticResolver,
 )
+from metered_middleware._resolver import fingerprint
 from tests.helpers import Lifespan, make_app, pending_totals, websocket_session
 
 pytestmark = pytest.mark.anyio
@@ -215,6 +216,16 @@ async def test_a_cached_key_gets_the_same_answers_as_a_cold_one(harness: Harness
     await harness.registry.revoke(key)
     harness.metered.resolver.invalidate(key)
     assert_error(await get("/v1/hello", headers={"X-API-Key": key}), 401, "api_key_revoked")
+
+
+async def test_the_inline_path_checks_the_second_hash(harness: Harness) -> None:
+    """A cache slot holding another key's target (a first-hash collision, planted) is not served inline."""
+    key = await harness.key()
+    first, second = fingerprint(key.encode())
+    other = BillingTarget(customer="cus_other", subscription_item="si_other")
+    harness.metered.resolver._entries[first] = (float("inf"), second ^ 1, other)
+    assert (await harness.http.get("/v1/hello", headers={"X-API-Key": key})).status_code == 200
+    assert await harness.totals() == {TARGET.target_id: 1}
 
 
 async def test_non_ascii_key_bytes(harness: Harness) -> None:

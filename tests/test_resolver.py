@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +19,7 @@ from metered_middleware import (
     StorageError,
     hash_key,
 )
+from metered_middleware._resolver import _choose_key_hash, fingerprint
 
 pytestmark = pytest.mark.anyio
 
@@ -154,3 +157,58 @@ async def test_a_cold_cache_under_a_thousand_concurrent_misses_resolves_every_ke
         assert len(pool._available_connections) + len(pool._in_use_connections) <= MAX_CONNECTIONS
     finally:
         await client.aclose()
+
+
+async def test_the_cache_holds_no_key_and_checks_a_second_hash() -> None:
+    """Entries are named by two keyed hashes, and an entry whose second hash differs is never served.
+
+    Two keys whose first hashes collided would share a slot: each must see a miss, not the other's target.
+    """
+    inner = Counting(T)
+    cache = CachingResolver(inner, ttl=60)
+    key = "mk_live_" + "a" * 43
+    assert await cache.resolve(key) == T
+    ((first, (_, second, target)),) = cache._entries.items()
+    assert (first, second) == fingerprint(key.encode())
+    assert target == T
+    assert key.encode() not in repr(cache._entries).encode()
+    # Plant another target under the same first hash with the wrong second hash: a collision, by hand.
+    other = BillingTarget(customer="cus_other", subscription_item="si_other")
+    cache._entries[first] = (float("inf"), second ^ 1, other)
+    assert cache.cached(key)[2] is False
+    assert await cache.resolve(key) == T
+    assert inner.calls == 2
+
+
+async def test_a_colliding_entry_is_not_served_as_stale_either() -> None:
+    """While the inner resolver is down, only the key's own expired entry may stand in for it."""
+    inner = Counting(T)
+    cache = CachingResolver(inner, ttl=60)
+    key = "mk_live_" + "b" * 43
+    first, second = fingerprint(key.encode())
+    cache._entries[first] = (0.0, second ^ 1, BillingTarget(customer="cus_other"))
+    inner.fail = True
+    with pytest.raises(StorageError):
+        await cache.resolve(key)
+    cache._entries[first] = (0.0, second, T)  # the key's own entry, expired
+    assert await cache.resolve(key) == T
+
+
+def test_key_hash_is_pythons_siphash_or_keyed_blake2b() -> None:
+    """A build without keyed 64-bit SipHash for every length gets keyed BLAKE2b: 64 bits, secret, stable."""
+
+    def info(algorithm: str, bits: int = 64, cutoff: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(algorithm=algorithm, hash_bits=bits, cutoff=cutoff)
+
+    assert _choose_key_hash(info("siphash13")) is hash
+    assert _choose_key_hash(info("siphash24")) is hash
+    for weaker in (info("fnv"), info("siphash13", bits=32), info("siphash13", cutoff=7)):
+        chosen = _choose_key_hash(weaker)
+        assert chosen is not hash
+        values = {chosen(b"mk_live_%d" % n) for n in range(1000)}
+        assert len(values) == 1000
+        assert all(0 <= v < 2**64 for v in values)
+        assert chosen(b"mk_live_1") == chosen(b"mk_live_1")
+        # Keyed: not the plain BLAKE2b of the input, which anyone could compute.
+        plain = int.from_bytes(hashlib.blake2b(b"mk_live_1", digest_size=8).digest(), "big")
+        assert chosen(b"mk_live_1") != plain

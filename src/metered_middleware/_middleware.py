@@ -7,7 +7,6 @@ import fnmatch
 import logging
 import re
 from collections.abc import Awaitable, Mapping
-from hashlib import sha256
 from time import monotonic
 from typing import Unpack
 
@@ -21,7 +20,7 @@ from metered_middleware._keys import KeyError_, extract_key
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
 from metered_middleware._registry import KeyRegistry
-from metered_middleware._resolver import CachingResolver, Resolver, StaticResolver
+from metered_middleware._resolver import CHECK_PREFIX, CachingResolver, Resolver, StaticResolver, key_hash
 from metered_middleware._responses import Rejections
 from metered_middleware._store import CountStore
 from metered_middleware._target import BillingTarget
@@ -142,10 +141,15 @@ class MeteringMiddleware:
                 found = value
             # No validation of the bytes here: only keys the general path validated are ever cached, so a
             # cache hit is a valid key, and anything else (padding, odd bytes) misses and is judged there.
+            # The cache's fingerprint, inlined (``_resolver.fingerprint``): the second hash only on a hit.
             if found is not None and len(found) <= self._max_key_length:
-                entry = self._cache_entries.get(sha256(found).digest())
-                if entry is not None and entry[0] > monotonic():
-                    target = entry[1]
+                entry = self._cache_entries.get(key_hash(found))
+                if (
+                    entry is not None
+                    and entry[1] == key_hash(CHECK_PREFIX + found)
+                    and entry[0] > monotonic()
+                ):
+                    target = entry[2]
         if target is None or not target.admissible or (self._closed_mode and not self.counter.healthy):
             await self._http(scope, receive, send)  # misses, refusals, query-string keys: the general path
             return
@@ -213,10 +217,10 @@ class MeteringMiddleware:
             )
         except KeyError_ as exc:
             return exc.code
-        digest, target, fresh = self.resolver.cached(key)
+        fp, target, fresh = self.resolver.cached(key)
         if not fresh:
             try:
-                target = await self.resolver.resolve_miss(key, digest)
+                target = await self.resolver.resolve_miss(key, fp)
             except StorageError as exc:
                 # Name the failure by type only: a user resolver's own exception text could hold the key.
                 log.warning("key resolution unavailable: %s", type(exc.__cause__ or exc).__name__)

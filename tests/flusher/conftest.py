@@ -158,6 +158,26 @@ class World:
         self.targets[target.target_id] = target
         return target
 
+    def make_unbillable(self, target: BillingTarget) -> str | None:
+        """Make Stripe refuse the target's usage for good; for usage records, return the replacing item.
+
+        Usage records: the plan changed, a new item replaced the one the target still points at. Meter
+        events: the meter is deactivated.
+        """
+        if self.sink != "usage_records":
+            self.client.v1.billing.meters.deactivate(self.meter)
+            return None
+        assert target.subscription_item
+        assert target.subscription
+        price: Any = {"currency": "usd", "unit_amount": 2, "product_data": {"name": "API v2"}}
+        price["recurring"] = {"interval": "month", "usage_type": "metered"}
+        new_price = self.client.v1.prices.create(price)
+        item = self.client.v1.subscription_items.create(
+            {"subscription": target.subscription, "price": new_price.id}
+        ).id
+        self.client.v1.subscription_items.delete(target.subscription_item)
+        return item
+
     async def count(self, lines: list[tuple[BillingTarget, int]]) -> None:
         """Count usage exactly as the middleware does (one idempotent write per shard)."""
         for target, units in lines:

@@ -67,17 +67,7 @@ async def test_delivered_retried_and_dead_lettered_lines_log_their_audit_fields(
     assert delivered["idempotency_key"]
 
     bad = world.subscribe("bad")
-    if world.sink == "usage_records":
-        assert bad.subscription_item
-        assert bad.subscription
-        # The plan changed: a new item replaced the one the line still points at (as in the dead-letter test).
-        price: Any = {"currency": "usd", "unit_amount": 2, "product_data": {"name": "API v2"}}
-        price["recurring"] = {"interval": "month", "usage_type": "metered"}
-        new_price = world.client.v1.prices.create(price)
-        world.client.v1.subscription_items.create({"subscription": bad.subscription, "price": new_price.id})
-        world.client.v1.subscription_items.delete(bad.subscription_item)
-    else:
-        world.client.v1.billing.meters.deactivate(world.meter)
+    world.make_unbillable(bad)
     await world.count([(bad, 5)])
     async with Flusher(world.settings()) as flusher:
         report = await flusher.flush_once()

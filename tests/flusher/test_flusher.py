@@ -98,20 +98,7 @@ async def test_a_permanent_refusal_is_dead_lettered_and_can_be_redriven_after_a_
     sends its lines to the dead-letter with Stripe's error; after the fix a re-drive delivers them."""
     good, bad = world.subscribe("good"), world.subscribe("bad")
     await world.count([(good, 2), (bad, 7)])
-    item = None
-    if world.sink == "usage_records":
-        assert bad.subscription_item
-        assert bad.subscription
-        # The customer's plan changed: a new item replaced the one the key still points at.
-        price: Any = {"currency": "usd", "unit_amount": 2, "product_data": {"name": "API v2"}}
-        price["recurring"] = {"interval": "month", "usage_type": "metered"}
-        new_price = world.client.v1.prices.create(price)
-        item = world.client.v1.subscription_items.create(
-            {"subscription": bad.subscription, "price": new_price.id}
-        ).id
-        world.client.v1.subscription_items.delete(bad.subscription_item)
-    else:
-        world.client.v1.billing.meters.deactivate(world.meter)
+    item = world.make_unbillable(bad)  # the plan changed (a new item), or the meter was deactivated
     async with Flusher(world.settings()) as flusher:
         report = await flusher.flush_once()
         assert report.dead >= 1

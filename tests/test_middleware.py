@@ -20,11 +20,25 @@ from metered_middleware import (
     KeyRegistry,
     MeteringMiddleware,
     StaticResolver,
+    _fastpath,
+    _middleware,
 )
 from metered_middleware._resolver import fingerprint
 from tests.helpers import Lifespan, make_app, pending_totals, websocket_session
 
 pytestmark = pytest.mark.anyio
+
+PATHS = ["python", *(["native"] if _fastpath.NATIVE else [])]
+
+
+@pytest.fixture(params=PATHS, autouse=True)
+def request_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the compiled request path (where it is built) and on its Python twin."""
+    if request.param == "python":
+        monkeypatch.setattr(_middleware, "find_cached", _fastpath.py_find_cached)
+        monkeypatch.setattr(_middleware, "CountingSend", _fastpath.PyCountingSend)
+    return str(request.param)
+
 
 NOW = int(time.time())
 TARGET = BillingTarget(

@@ -6,8 +6,7 @@ import contextlib
 import fnmatch
 import logging
 import re
-from collections.abc import Awaitable, Mapping
-from time import monotonic
+from collections.abc import Mapping
 from typing import Unpack
 
 import redis.asyncio as aioredis
@@ -16,11 +15,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metered_middleware._config import Settings, SettingsOverrides
 from metered_middleware._counter import Counter
 from metered_middleware._errors import StorageError
+from metered_middleware._fastpath import CountingSend, find_cached
 from metered_middleware._keys import KeyError_, extract_key
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
 from metered_middleware._registry import KeyRegistry
-from metered_middleware._resolver import CHECK_PREFIX, CachingResolver, Resolver, StaticResolver, key_hash
+from metered_middleware._resolver import CachingResolver, Resolver, StaticResolver
 from metered_middleware._responses import Rejections
 from metered_middleware._store import CountStore
 from metered_middleware._target import BillingTarget
@@ -108,6 +108,7 @@ class MeteringMiddleware:
         self._bearer = settings.key_bearer
         self._max_key_length = settings.max_key_length
         self._cache_entries = self.resolver._entries
+        self._key_names = tuple(self._header_names)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,35 +122,15 @@ class MeteringMiddleware:
             if excluded:
                 await self.app(scope, receive, send)
                 return
-        target: BillingTarget | None = None
-        if self._fast_keys:
-            # The common case, scanned here: one key in the Authorization header (Bearer) or a key header.
-            # Anything unusual (two key headers, no key, a key not cached) is left to the general path.
-            found: bytes | None = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    if not self._bearer or (
-                        not value.startswith(b"Bearer ") and value[:7].lower() != b"bearer "
-                    ):
-                        continue
-                    value = value[7:]
-                elif name not in self._header_names:
-                    continue
-                if found is not None:
-                    found = None
-                    break
-                found = value
-            # No validation of the bytes here: only keys the general path validated are ever cached, so a
-            # cache hit is a valid key, and anything else (padding, odd bytes) misses and is judged there.
-            # The cache's fingerprint, inlined (``_resolver.fingerprint``): the second hash only on a hit.
-            if found is not None and len(found) <= self._max_key_length:
-                entry = self._cache_entries.get(key_hash(found))
-                if (
-                    entry is not None
-                    and entry[1] == key_hash(CHECK_PREFIX + found)
-                    and entry[0] > monotonic()
-                ):
-                    target = entry[2]
+        # The common case: one key in the Authorization header (Bearer) or a key header, already cached.
+        # Anything unusual (two key headers, no key, a key not cached) comes back None for the general path.
+        target = (
+            find_cached(
+                scope["headers"], self._cache_entries, self._key_names, self._bearer, self._max_key_length
+            )
+            if self._fast_keys
+            else None
+        )
         if target is None or not target.admissible or (self._closed_mode and not self.counter.healthy):
             await self._http(scope, receive, send)  # misses, refusals, query-string keys: the general path
             return
@@ -161,16 +142,7 @@ class MeteringMiddleware:
         if weight == 0 or self._immediate:
             await self._http_admitted(scope, receive, send, target, weight)
             return
-        add = self.counter.add
-        statuses = self._statuses
-
-        # A plain function returning send's awaitable: no coroutine of our own per message.
-        def counted_send(message: Message) -> Awaitable[None]:
-            if message["type"] == "http.response.start" and message["status"] in statuses:
-                add(target, weight)
-            return send(message)
-
-        await self.app(scope, receive, counted_send)
+        await self.app(scope, receive, CountingSend(send, target, weight, self.counter.add, self._statuses))
 
     def _is_excluded(self, path: str) -> bool:
         excluded = self._excluded_paths.get(path)

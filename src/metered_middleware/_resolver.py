@@ -23,6 +23,7 @@ __all__ = [
     "Fingerprint",
     "Resolver",
     "StaticResolver",
+    "cache_clock",
     "fingerprint",
     "key_hash",
 ]
@@ -56,6 +57,15 @@ def _choose_key_hash(info: Any) -> Callable[[bytes], int]:
 
 
 key_hash = _choose_key_hash(sys.hash_info)
+
+# The clock the cache's expiries are written and read with. The compiled request path
+# (``_speedups.find_cached``) reads CLOCK_MONOTONIC itself, so where it is built every reader and writer
+# uses its clock; elsewhere, Python's.
+cache_clock: Callable[[], float]
+try:
+    from metered_middleware._speedups import monotonic as cache_clock
+except ImportError:
+    cache_clock = time.monotonic
 
 
 def fingerprint(key: bytes) -> Fingerprint:
@@ -159,7 +169,7 @@ class CachingResolver:
         """(fingerprint, target, fresh): the fast path the middleware tries before awaiting anything."""
         fp = fingerprint(key.encode())
         entry = self._entries.get(fp[0])
-        if entry is not None and entry[1] == fp[1] and entry[0] > time.monotonic():
+        if entry is not None and entry[1] == fp[1] and entry[0] > cache_clock():
             return fp, entry[2], True
         return fp, None, False
 
@@ -215,7 +225,7 @@ class CachingResolver:
         if len(self._entries) >= self.max_entries and first not in self._entries:
             # dicts keep insertion order: drop the oldest entry (bounded memory under key-guessing floods).
             self._entries.pop(next(iter(self._entries)))
-        self._entries[first] = (time.monotonic() + ttl, second, target)
+        self._entries[first] = (cache_clock() + ttl, second, target)
 
     def invalidate(self, key: str | None = None) -> None:
         """Forget one key, or everything (a revoke takes effect at once in this process)."""

@@ -1,0 +1,112 @@
+"""The request path for cached keys: the compiled ``_speedups`` where built, else this module's twin.
+
+Both do the same thing: find the one key on a request, read the resolver cache's entry for its fingerprint,
+and wrap ``send`` so the response is counted once its status is known. Anything unusual (no key, two keys,
+a miss, an expired entry) comes back as None, and the middleware's general path judges it. The compiled
+module exists because, in a busy server, every Python-level operation on this path costs several times its
+in-process price (its code and data are cold between requests); see ``benchmarks/README.md``.
+
+``NATIVE`` says which one runs. ``METERED_PURE_PYTHON=1`` in the environment picks this module's twin even
+where the compiled one is built (the tests run both).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Collection
+from typing import Final
+
+from starlette.types import Message, Send
+
+from metered_middleware._resolver import CHECK_PREFIX, cache_clock, key_hash
+from metered_middleware._target import BillingTarget
+
+__all__ = ["NATIVE", "CountingSend", "PyCountingSend", "find_cached", "py_find_cached"]
+
+Entries = dict[int, tuple[float, int, BillingTarget | None]]
+
+
+def py_find_cached(
+    headers: list[tuple[bytes, bytes]],
+    entries: Entries,
+    names: tuple[bytes, ...],
+    bearer: bool,
+    max_length: int,
+) -> BillingTarget | None:
+    """The cached target for the request's single key (Bearer or a key header), else None."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            if not bearer or value[:7].lower() != b"bearer ":
+                continue
+            value = value[7:]
+        elif name not in names:
+            continue
+        if found is not None:
+            return None  # two keys: the general path refuses them
+        found = value
+    # No validation of the bytes here: only keys the general path validated are ever cached, so a hit is
+    # a valid key, and anything else (padding, odd bytes) misses and is judged there.
+    if found is None or len(found) > max_length:
+        return None
+    entry = entries.get(key_hash(found))
+    if entry is not None and entry[1] == key_hash(CHECK_PREFIX + found) and entry[0] > cache_clock():
+        return entry[2]
+    return None
+
+
+class PyCountingSend:
+    """``send``, counting ``units`` for the target when the response starts with a counted status."""
+
+    __slots__ = ("_add", "_send", "_statuses", "_target", "_units")
+
+    def __init__(
+        self,
+        send: Send,
+        target: BillingTarget,
+        units: int,
+        add: Callable[[BillingTarget, int], object],
+        statuses: Collection[int],
+    ) -> None:
+        self._send = send
+        self._target = target
+        self._units = units
+        self._add = add
+        self._statuses = statuses
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start" and message["status"] in self._statuses:
+            self._add(self._target, self._units)
+        return self._send(message)
+
+
+NATIVE: bool
+find_cached: Callable[
+    [list[tuple[bytes, bytes]], Entries, tuple[bytes, ...], bool, int], BillingTarget | None
+]
+CountingSend: Callable[
+    [
+        Send,
+        BillingTarget,
+        int,
+        Callable[[BillingTarget, int], object],
+        Collection[int],
+    ],
+    Send,
+]
+_PURE: Final = os.environ.get("METERED_PURE_PYTHON", "") not in ("", "0")
+
+try:
+    if _PURE or key_hash is not hash:
+        # The compiled lookup computes Python's own hash of bytes; a build whose hash is not keyed SipHash
+        # (the resolver then uses keyed BLAKE2b) must take the twin.
+        raise ImportError("pure Python requested")
+    from metered_middleware import _speedups
+except ImportError:
+    NATIVE = False
+    find_cached = py_find_cached
+    CountingSend = PyCountingSend
+else:
+    NATIVE = True
+    find_cached = _speedups.find_cached
+    CountingSend = _speedups.CountingSend

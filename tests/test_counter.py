@@ -36,6 +36,22 @@ async def test_a_retried_write_is_applied_once(redis_client: aioredis.Redis) -> 
     assert 100 < ttl <= 100 + store.usage_retention  # kept past the period for reconciliation, not forever
 
 
+async def test_writes_survive_redis_forgetting_the_count_script(redis_client: aioredis.Redis) -> None:
+    """After SCRIPT FLUSH (as after a Redis restart) the next writes reload the script and land once each."""
+    layout = Layout("mm", 4)
+    store = CountStore(redis_client, layout)
+    first = CountWrite(layout.shard_of(A.target_id), "w1", 1, [(A, 3)])
+    assert await store.apply([first]) == [True]
+    await redis_client.script_flush()
+    writes = [
+        CountWrite(layout.shard_of(A.target_id), "w1", 2, [(A, 4)]),
+        CountWrite(layout.shard_of(B.target_id), "w1", 3, [(B, 5)]),
+    ]
+    assert await store.apply(writes) == [True, True]
+    assert await store.apply(writes) == [True, True]  # a retry after a lost reply still counts once
+    assert await pending_totals(redis_client, layout) == {A.target_id: 7, B.target_id: 5}
+
+
 async def test_many_adds_one_write(redis_client: aioredis.Redis) -> None:
     """A thousand adds in a window become one pipeline with one line per target."""
     layout = Layout("mm", 4)

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
@@ -154,14 +155,27 @@ class CountStore:
         if isinstance(self.redis, RedisCluster):
             return await self._apply_cluster(writes)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for write in writes:
-                    keys, args = self._keys_and_args(write)
-                    await self._count(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._pipeline(writes)
+            # A Redis that restarted or flushed its scripts answers NOSCRIPT: load it, resend those writes
+            # (a resent write is applied once by its (writer, seq), like any retry).
+            missing = [n for n, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                await self.redis.script_load(self._count.script)
+                for n, again in zip(missing, await self._pipeline([writes[n] for n in missing]), strict=True):
+                    results[n] = again
         except REDIS_FAILURES as exc:
             raise StorageError(f"count write failed: {exc}") from exc
         return [r if isinstance(r, BaseException) else True for r in results]
+
+    async def _pipeline(self, writes: Sequence[CountWrite]) -> list[Any]:
+        # EVALSHA directly, not through the registered script: in a pipeline that would first ask Redis
+        # SCRIPT EXISTS, a second round trip every window for an answer that is almost always yes.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for write in writes:
+                keys, args = self._keys_and_args(write)
+                pipe.evalsha(self._count.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def _apply_cluster(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
         # redis-py's cluster pipeline refuses EVALSHA; each write is single-slot, so sending them concurrently

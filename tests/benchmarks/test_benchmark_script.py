@@ -45,3 +45,23 @@ def test_quick_run_measures_both_apps_and_redis(tmp_path: Path, generator: str) 
     if generator == "auto" and shutil.which("wrk") is None:
         generator = "httpx"  # the script says how to install wrk and falls back; both paths still run
     _check(_quick(tmp_path, "--load-generator", generator))
+
+
+def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:
+    """benchmarks/ab.py serves both variants together and prints their cost ratio (or how to get wrk)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "create_bare", "create_metered"]
+    proc = subprocess.run(
+        [*command, "--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if shutil.which("wrk") is None:
+        assert proc.returncode == 2
+        assert "apt-get install -y wrk" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round 1: a " in proc.stdout
+    assert "cost ratio a/b, median" in proc.stdout

@@ -1,0 +1,147 @@
+"""Two app variants served at the same time on one core, each under its own wrk: their cost per request.
+
+    python benchmarks/ab.py create_bare create_metered            # 5 rounds of 5 s, 32 connections each
+    python benchmarks/ab.py create_bare mymodule:factory --rounds 8
+
+``run.py`` alternates bare and metered, so anything else the machine does between two runs (another
+tenant on the host, a noisy neighbour core) lands on one variant and not the other: on a shared machine
+the same app measured 88 to 126 us a request from one run to the next. Here both servers share the app
+core at once, each driven by its own wrk on the load core, so that noise lands on both alike. The figure
+that matters is the **cost ratio**, A's server CPU per request over B's, which moved by about 0.01
+between rounds where run.py's ratio moved by 0.1. It is an instrument for comparing variants (uvicorn
+factories, ``module:function`` or a name in ``benchmarks.app``), not the issue's benchmark: no flusher runs
+and the two servers interleave on one core, so absolute requests/s are not comparable with run.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run  # noqa: E402
+from metered_middleware._redis_server import RedisServer, free_port  # noqa: E402
+
+
+def start_wrk(url: str, script: Path, *, connections: int, seconds: int, cpus: str) -> subprocess.Popen[str]:
+    """One wrk (one thread) against ``url``, running in the background."""
+    command = [*run.pin(cpus), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
+    return subprocess.Popen([*command, "-s", str(script), url], stdout=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The summary line the rotation script prints at the end of a wrk run."""
+    out = proc.communicate()[0]
+    line = next((x for x in out.splitlines() if x.startswith("MMJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no summary:\n{out}")
+    data: dict[str, Any] = json.loads(line[7:])
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison and print each round and the medians; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("a", help="the reference factory (e.g. create_bare)")
+    parser.add_argument("b", help="the factory compared with it (e.g. create_metered)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each run (2)")
+    parser.add_argument("--connections", type=int, default=32, help="connections per wrk (default 32)")
+    parser.add_argument("--keys", type=int, default=1000, help="API keys, rotated per request (1000)")
+    parser.add_argument("--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW (0.05 s)")
+    parser.add_argument("--app-cpus", default="0", help="the core both servers share (default 0)")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print(f"wrk is not installed; install it with: {run.WRK_INSTALL}", file=sys.stderr)
+        return 2
+    load_cpus = run.other_cpus(args.app_cpus)
+    if load_cpus and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+
+    from metered_middleware.testing.emulator import StripeEmulator
+
+    redis_server = RedisServer().start()
+    emulator = StripeEmulator(rate_limit=None).start()
+    workdir = Path(tempfile.mkdtemp(prefix="mm-ab-"))
+    try:
+        targets = run.make_targets(emulator.client(), args.keys)
+        keys = asyncio.run(run.issue_keys(redis_server.url, targets))
+        (workdir / "keys.txt").write_text("\n".join(keys) + "\n")
+        script = workdir / "rotate.lua"
+        paths = ", ".join(f'"{p}"' for p in run.PATHS)
+        script.write_text(run.WRK_SCRIPT % {"keyfile": workdir / "keys.txt", "paths": paths})
+        env = {
+            "MM_BENCH_REDIS_URL": redis_server.url,
+            "MM_BENCH_STRIPE_URL": emulator.url,
+            "MM_BENCH_IN_APP_FLUSHER": "0",
+            "MM_BENCH_COALESCE_WINDOW": str(args.window),
+        }
+        cost_ratios: list[float] = []
+        cpu: dict[str, list[float]] = {"a": [], "b": []}
+        status = 0
+        for n in range(1, args.rounds + 1):
+            with contextlib.ExitStack() as stack:
+                port_a, port_b = free_port(), free_port()
+                a = stack.enter_context(run.server(args.a, port_a, env, workers=1, cpus=args.app_cpus))
+                b = stack.enter_context(run.server(args.b, port_b, env, workers=1, cpus=args.app_cpus))
+                urls = (f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}")
+
+                def both(seconds: int, urls: tuple[str, str] = urls) -> list[dict[str, Any]]:
+                    procs = [
+                        start_wrk(u, script, connections=args.connections, seconds=seconds, cpus=load_cpus)
+                        for u in urls
+                    ]
+                    return [result(p) for p in procs]
+
+                both(args.warmup)
+                before = run.process_cpu(a.pid), run.process_cpu(b.pid)
+                load_a, load_b = both(args.duration)
+                used = run.process_cpu(a.pid) - before[0], run.process_cpu(b.pid) - before[1]
+            us_a = used[0] / max(1, load_a["requests"]) * 1e6
+            us_b = used[1] / max(1, load_b["requests"]) * 1e6
+            cpu["a"].append(us_a)
+            cpu["b"].append(us_b)
+            cost_ratios.append(us_a / us_b if us_b else 0.0)
+            bad = load_a["non2xx"] + load_b["non2xx"] + load_a["socket_errors"] + load_b["socket_errors"]
+            status = status or int(bad > 0)
+            print(
+                f"round {n}: a {load_a['requests']} requests {us_a:6.1f} us/req p99 "
+                f"{load_a['p99_us'] / 1000:.2f} ms | b {load_b['requests']} requests {us_b:6.1f} us/req p99 "
+                f"{load_b['p99_us'] / 1000:.2f} ms | cost ratio a/b {cost_ratios[-1]:.3f}"
+                + (f"  ({bad} non-2xx or socket errors)" if bad else ""),
+                flush=True,
+            )
+        print(
+            f"\n{args.rounds} rounds: server CPU per request a {statistics.median(cpu['a']):.1f} us, "
+            f"b {statistics.median(cpu['b']):.1f} us; cost ratio a/b, median "
+            f"{statistics.median(cost_ratios):.3f} (range {min(cost_ratios):.3f}-{max(cost_ratios):.3f})"
+        )
+        if status:
+            print("some responses were not 2xx: the figures do not measure what they claim", file=sys.stderr)
+        return status
+    finally:
+        emulator.stop()
+        redis_server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,17 +9,19 @@ from typing import Any
 import pytest
 
 from metered_middleware import BillingTarget
-from metered_middleware._fastpath import NATIVE, PyCountingSend, py_find_cached
+from metered_middleware._fastpath import NATIVE, PyCountingSend, PyFastPath, py_find_cached
 from metered_middleware._resolver import CHECK_PREFIX, cache_clock, fingerprint, key_hash
 
 Finder = Callable[..., BillingTarget | None]
 FINDERS: list[Any] = [pytest.param(py_find_cached, id="python")]
 SENDS: list[Any] = [pytest.param(PyCountingSend, id="python")]
+PATHS: list[Any] = [pytest.param(PyFastPath, id="python")]
 if NATIVE:
     from metered_middleware import _speedups
 
     FINDERS.append(pytest.param(_speedups.find_cached, id="native"))
     SENDS.append(pytest.param(_speedups.CountingSend, id="native"))
+    PATHS.append(pytest.param(_speedups.FastPath, id="native"))
 
 KEY = b"mm_live_0123456789abcdefghijklmnopqrstuv"
 OTHER = b"mm_live_zyxwvutsrqponmlkjihgfedcba987654"
@@ -158,3 +160,90 @@ async def test_counting_send_lets_errors_through(make_send: Any) -> None:
         )
     with pytest.raises(OSError, match="disconnected"):
         await make_send(send, TARGET, 1, add, frozenset({200}))({"type": "http.response.body"})
+
+
+class Health:
+    healthy = True
+
+
+def fast_path(
+    make: Any, *, closed: bool = False, weigh: Any = None, counter: Any = None
+) -> tuple[Any, list[Any]]:
+    """A fast path over a cache holding KEY (admissible) and OTHER (revoked), and what it adds."""
+    added: list[tuple[BillingTarget, int]] = []
+    entries = cached(KEY)
+    first, second = fingerprint(OTHER)
+    entries[first] = (cache_clock() + 60, second, BillingTarget(customer="cus_2", revoked=True))
+    path = make(
+        entries=entries,
+        names=NAMES,
+        bearer=True,
+        max_length=256,
+        add=lambda target, units: added.append((target, units)),
+        statuses=frozenset({200}),
+        counter=counter or Health(),
+        closed=closed,
+        weigh=weigh,
+    )
+    return path, added
+
+
+async def ignore(message: Any) -> None:
+    """A server's send that drops what it is given."""
+
+
+def scope_with(key: bytes, **extra: Any) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": "/v1/x", "headers": [(b"x-api-key", key)], **extra}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", PATHS)
+async def test_fast_path_admits_a_cached_key_into_state_and_counts_its_response(make: Any) -> None:
+    """A cached, admissible key: its target is in the scope's state and a 200 response counts one unit."""
+    path, added = fast_path(make)
+    scope = scope_with(KEY)  # no state yet: the path makes one
+    send = path(scope, ignore)
+    assert scope["state"] == {"billing_target": TARGET}
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body"})
+    assert added == [(TARGET, 1)]
+    kept = scope_with(KEY, state={"user": 1})
+    path(kept, ignore)
+    assert kept["state"] == {"user": 1, "billing_target": TARGET}
+
+
+@pytest.mark.parametrize("make", PATHS)
+def test_fast_path_leaves_refusals_and_misses_to_the_general_path(make: Any) -> None:
+    """A revoked key, an unknown key, no key: None, and the scope is left as it was."""
+    path, added = fast_path(make)
+    for scope in (scope_with(OTHER), scope_with(b"mm_live_unknown_key_0000000000000000"), scope_with(b"")):
+        assert path(scope, ignore) is None
+        assert "state" not in scope
+    assert path({"type": "http", "headers": []}, ignore) is None
+    assert added == []
+
+
+@pytest.mark.parametrize("make", PATHS)
+def test_fast_path_in_closed_mode_refers_requests_while_redis_refuses_counts(make: Any) -> None:
+    """With fail mode closed, an unhealthy counter sends every request to the general path (its 503)."""
+    counter = Health()
+    path, _ = fast_path(make, closed=True, counter=counter)
+    assert path(scope_with(KEY), ignore) is not None
+    counter.healthy = False
+    assert path(scope_with(KEY), ignore) is None
+    open_path, _ = fast_path(make, closed=False, counter=counter)
+    assert open_path(scope_with(KEY), ignore) is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", PATHS)
+async def test_fast_path_counts_route_weights_and_passes_weightless_routes_through(make: Any) -> None:
+    """A route weighing 3 counts 3 units; one weighing 0 gets the server's own send, and counts nothing."""
+    path, added = fast_path(make, weigh=lambda scope: 3 if scope["path"] == "/v1/x" else 0)
+    send = path(scope_with(KEY), ignore)
+    assert send is not ignore
+    await send({"type": "http.response.start", "status": 200})
+    assert added == [(TARGET, 3)]
+    weightless = scope_with(KEY, path="/free")
+    assert path(weightless, ignore) is ignore
+    assert weightless["state"] == {"billing_target": TARGET}

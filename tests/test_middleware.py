@@ -35,8 +35,7 @@ PATHS = ["python", *(["native"] if _fastpath.NATIVE else [])]
 def request_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on the compiled request path (where it is built) and on its Python twin."""
     if request.param == "python":
-        monkeypatch.setattr(_middleware, "find_cached", _fastpath.py_find_cached)
-        monkeypatch.setattr(_middleware, "CountingSend", _fastpath.PyCountingSend)
+        monkeypatch.setattr(_middleware, "FastPath", _fastpath.PyFastPath)
     return str(request.param)
 
 

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Collection
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-from starlette.types import Message, Send
+from starlette.types import Message, Scope, Send
 
 from metered_middleware._resolver import CHECK_PREFIX, cache_clock, key_hash
 from metered_middleware._target import BillingTarget
 
-__all__ = ["NATIVE", "CountingSend", "PyCountingSend", "find_cached", "py_find_cached"]
+__all__ = [
+    "NATIVE",
+    "CountingSend",
+    "FastPath",
+    "PyCountingSend",
+    "PyFastPath",
+    "find_cached",
+    "py_find_cached",
+]
+
+if TYPE_CHECKING:
+    from metered_middleware import _speedups
 
 Entries = dict[int, tuple[float, int, BillingTarget | None]]
 
@@ -80,10 +91,66 @@ class PyCountingSend:
         return self._send(message)
 
 
+class PyFastPath:
+    """The whole request path for a cached key: ``path(scope, send)`` puts the target in the scope's state
+    and returns the ``send`` to give the app (a counting one, or ``send`` itself for a route weighing 0),
+    or None when the general path must judge the request (no key, a miss, a refusal, Redis down while
+    closed)."""
+
+    __slots__ = (
+        "_add",
+        "_bearer",
+        "_closed",
+        "_counter",
+        "_entries",
+        "_max",
+        "_names",
+        "_statuses",
+        "_weigh",
+    )
+
+    def __init__(
+        self,
+        *,
+        entries: Entries,
+        names: tuple[bytes, ...],
+        bearer: bool,
+        max_length: int,
+        add: Callable[[BillingTarget, int], object],
+        statuses: Collection[int],
+        counter: Any,
+        closed: bool,
+        weigh: Callable[[Scope], int] | None,
+    ) -> None:
+        self._entries = entries
+        self._names = names
+        self._bearer = bearer
+        self._max = max_length
+        self._add = add
+        self._statuses = statuses
+        self._counter = counter
+        self._closed = closed
+        self._weigh = weigh
+
+    def __call__(self, scope: Scope, send: Send) -> Send | None:
+        target = py_find_cached(scope["headers"], self._entries, self._names, self._bearer, self._max)
+        if target is None or not target.admissible or (self._closed and not self._counter.healthy):
+            return None
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["billing_target"] = target
+        units = 1 if self._weigh is None else self._weigh(scope)
+        if not units:
+            return send
+        return PyCountingSend(send, target, units, self._add, self._statuses)
+
+
 NATIVE: bool
 find_cached: Callable[
     [list[tuple[bytes, bytes]], Entries, tuple[bytes, ...], bool, int], BillingTarget | None
 ]
+FastPath: type[PyFastPath] | type[_speedups.FastPath]
 CountingSend: Callable[
     [
         Send,
@@ -106,7 +173,9 @@ except ImportError:
     NATIVE = False
     find_cached = py_find_cached
     CountingSend = PyCountingSend
+    FastPath = PyFastPath
 else:
     NATIVE = True
     find_cached = _speedups.find_cached
     CountingSend = _speedups.CountingSend
+    FastPath = _speedups.FastPath

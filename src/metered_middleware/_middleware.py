@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metered_middleware._config import Settings, SettingsOverrides
 from metered_middleware._counter import Counter
 from metered_middleware._errors import StorageError
-from metered_middleware._fastpath import CountingSend, find_cached
+from metered_middleware._fastpath import FastPath
 from metered_middleware._keys import KeyError_, extract_key
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
@@ -102,13 +102,25 @@ class MeteringMiddleware:
         self._statuses = settings.count_statuses
         self._closed_mode = settings.fail_mode == "closed"
         self._immediate = settings.coalesce_window == 0
-        # The inline HTTP path: keys from headers only (a query-string key takes the general path), and the
-        # resolver cache's dict read directly (the same object for the cache's life; never rebound).
+        # The fast path: keys from headers only (a query-string key takes the general path).
         self._fast_keys = settings.key_query_param is None and b"authorization" not in self._header_names
-        self._bearer = settings.key_bearer
-        self._max_key_length = settings.max_key_length
-        self._cache_entries = self.resolver._entries
-        self._key_names = tuple(self._header_names)
+        # The resolver cache's dict is read directly (the same object for the cache's life; never rebound).
+        # With a zero window a count must be committed before the response: the general path does that.
+        self._fast = (
+            FastPath(
+                entries=self.resolver._entries,
+                names=tuple(self._header_names),
+                bearer=settings.key_bearer,
+                max_length=settings.max_key_length,
+                add=self.counter.add,
+                statuses=self._statuses,
+                counter=self.counter,
+                closed=self._closed_mode,
+                weigh=self._weigh_scope if self._weights else None,
+            )
+            if self._fast_keys and not self._immediate
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,27 +134,14 @@ class MeteringMiddleware:
             if excluded:
                 await self.app(scope, receive, send)
                 return
-        # The common case: one key in the Authorization header (Bearer) or a key header, already cached.
-        # Anything unusual (two key headers, no key, a key not cached) comes back None for the general path.
-        target = (
-            find_cached(
-                scope["headers"], self._cache_entries, self._key_names, self._bearer, self._max_key_length
-            )
-            if self._fast_keys
-            else None
-        )
-        if target is None or not target.admissible or (self._closed_mode and not self.counter.healthy):
+        # The common case, in one call: one key in the Authorization header (Bearer) or a key header,
+        # already cached and admissible. It comes back None for anything else (two key headers, no key, a
+        # key not cached, a refusal), which the general path judges.
+        counted_send = self._fast(scope, send) if self._fast is not None else None
+        if counted_send is None:
             await self._http(scope, receive, send)  # misses, refusals, query-string keys: the general path
             return
-        state = scope.get("state")
-        if state is None:
-            scope["state"] = state = {}
-        state["billing_target"] = target
-        weight = self._weight(scope["method"], scope["path"]) if self._weights else 1
-        if weight == 0 or self._immediate:
-            await self._http_admitted(scope, receive, send, target, weight)
-            return
-        await self.app(scope, receive, CountingSend(send, target, weight, self.counter.add, self._statuses))
+        await self.app(scope, receive, counted_send)
 
     def _is_excluded(self, path: str) -> bool:
         excluded = self._excluded_paths.get(path)
@@ -210,6 +209,9 @@ class MeteringMiddleware:
             scope["state"] = state = {}
         state["billing_target"] = target
         return target
+
+    def _weigh_scope(self, scope: Scope) -> int:
+        return self._weight(scope["method"], scope["path"])
 
     def _weight(self, method: str, path: str) -> int:
         if not self._weights:

@@ -22,6 +22,11 @@
 static PyObject *str_type;
 static PyObject *str_status;
 static PyObject *str_response_start;
+static PyObject *str_headers;
+static PyObject *str_state;
+static PyObject *str_billing_target;
+static PyObject *str_admissible;
+static PyObject *str_healthy;
 
 /* The general path prefixes the key with this byte for the fingerprint's second hash (_resolver.py). */
 #define CHECK_PREFIX '\x01'
@@ -53,29 +58,14 @@ starts_with_bearer(const char *value, Py_ssize_t length)
     return 1;
 }
 
+/* The cache entry's target for the request's single key, as a borrowed reference; NULL when there is
+   none (with an exception set only on a real error). `entries` must be a dict and `names` a tuple. */
 static PyObject *
-find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+lookup(PyObject *headers, PyObject *entries, PyObject *names, int bearer, Py_ssize_t max_length)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "find_cached(headers, entries, names, bearer, max_length)");
-        return NULL;
-    }
-    PyObject *headers = args[0], *entries = args[1], *names = args[2];
-    if (!PyDict_Check(entries) || !PyTuple_Check(names)) {
-        PyErr_SetString(PyExc_TypeError, "find_cached: entries must be a dict and names a tuple");
-        return NULL;
-    }
-    int bearer = PyObject_IsTrue(args[3]);
-    if (bearer < 0) {
-        return NULL;
-    }
-    Py_ssize_t max_length = PyLong_AsSsize_t(args[4]);
-    if (max_length == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     /* ASGI servers give a list of (name, value) pairs of bytes; anything else is the general path's. */
     if (!PyList_Check(headers)) {
-        Py_RETURN_NONE;
+        return NULL;
     }
     const char *found = NULL;
     Py_ssize_t found_length = 0;
@@ -83,11 +73,11 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *pair = PyList_GET_ITEM(headers, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            Py_RETURN_NONE;
+            return NULL;
         }
         PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
         if (!PyBytes_Check(name) || !PyBytes_Check(value)) {
-            Py_RETURN_NONE;
+            return NULL;
         }
         const char *name_bytes = PyBytes_AS_STRING(name);
         Py_ssize_t name_length = PyBytes_GET_SIZE(name);
@@ -115,13 +105,13 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         if (found != NULL) {
-            Py_RETURN_NONE; /* two keys: the general path refuses them */
+            return NULL; /* two keys: the general path refuses them */
         }
         found = key;
         found_length = key_length;
     }
     if (found == NULL || found_length > max_length) {
-        Py_RETURN_NONE;
+        return NULL;
     }
     /* Python's hash() of the key's bytes: the same function, and the same per-process secret. */
     PyObject *first = PyLong_FromSsize_t(_Py_HashBytes(found, found_length));
@@ -131,17 +121,14 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *entry = PyDict_GetItemWithError(entries, first); /* borrowed */
     Py_DECREF(first);
     if (entry == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
+        return NULL;
     }
     if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3) {
-        Py_RETURN_NONE;
+        return NULL;
     }
     PyObject *expiry = PyTuple_GET_ITEM(entry, 0), *second = PyTuple_GET_ITEM(entry, 1);
     if (!PyFloat_Check(expiry) || !PyLong_Check(second)) {
-        Py_RETURN_NONE;
+        return NULL;
     }
     char small[257];
     char *prefixed = small;
@@ -160,13 +147,44 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t stored = PyLong_AsSsize_t(second);
     if (stored == -1 && PyErr_Occurred()) {
         PyErr_Clear();
-        Py_RETURN_NONE;
+        return NULL;
     }
     if (stored != check || PyFloat_AS_DOUBLE(expiry) <= monotonic_now()) {
+        return NULL;
+    }
+    PyObject *target = PyTuple_GET_ITEM(entry, 2);
+    return target == Py_None ? NULL : target;
+}
+
+static PyObject *
+find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "find_cached(headers, entries, names, bearer, max_length)");
+        return NULL;
+    }
+    if (!PyDict_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "find_cached: entries must be a dict and names a tuple");
+        return NULL;
+    }
+    int bearer = PyObject_IsTrue(args[3]);
+    if (bearer < 0) {
+        return NULL;
+    }
+    Py_ssize_t max_length = PyLong_AsSsize_t(args[4]);
+    if (max_length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *target = lookup(args[0], args[1], args[2], bearer, max_length);
+    if (target == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
         Py_RETURN_NONE;
     }
-    return Py_NewRef(PyTuple_GET_ITEM(entry, 2));
+    return Py_NewRef(target);
 }
+
 
 static PyObject *
 monotonic(PyObject *module, PyObject *unused)
@@ -304,6 +322,215 @@ static PyTypeObject CountingSendType = {
     .tp_vectorcall = counting_send_new_vectorcall,
 };
 
+/* FastPath(entries, names, bearer, max_length, add, statuses, counter, closed, weigh): the whole request
+   path for a cached key, as one call: path(scope, send) puts the target in scope["state"] and returns the
+   `send` to give the app (a CountingSend, or `send` itself for a route weighing 0), or None when the general
+   path must judge the request (no key, a miss, a refusal, or Redis down in closed mode). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *entries;
+    PyObject *names;
+    PyObject *add;
+    PyObject *statuses;
+    PyObject *counter;
+    PyObject *weigh;
+    PyObject *one;
+    Py_ssize_t max_length;
+    int bearer;
+    int closed;
+    vectorcallfunc vectorcall;
+} FastPath;
+
+
+static PyObject *
+fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FastPath *self = (FastPath *)op;
+    if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "path(scope, send)");
+        return NULL;
+    }
+    PyObject *scope = args[0], *send = args[1];
+    if (!PyDict_Check(scope)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *headers = PyDict_GetItemWithError(scope, str_headers);
+    if (headers == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *target = lookup(headers, self->entries, self->names, self->bearer, self->max_length);
+    if (target == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(target); /* the entry may be replaced while the weigher runs */
+    PyObject *result = NULL, *units = NULL;
+    PyObject *admissible = PyObject_GetAttr(target, str_admissible);
+    if (admissible == NULL) {
+        goto done;
+    }
+    int admitted = PyObject_IsTrue(admissible);
+    Py_DECREF(admissible);
+    if (admitted < 0) {
+        goto done;
+    }
+    if (admitted && self->closed) {
+        PyObject *healthy = PyObject_GetAttr(self->counter, str_healthy);
+        if (healthy == NULL) {
+            goto done;
+        }
+        admitted = PyObject_IsTrue(healthy);
+        Py_DECREF(healthy);
+        if (admitted < 0) {
+            goto done;
+        }
+    }
+    if (!admitted) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *state = PyDict_GetItemWithError(scope, str_state);
+    if (state == NULL) {
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        state = PyDict_New();
+        if (state == NULL || PyDict_SetItem(scope, str_state, state) < 0) {
+            Py_XDECREF(state);
+            goto done;
+        }
+        Py_DECREF(state); /* the scope holds it */
+    }
+    if (PyObject_SetItem(state, str_billing_target, target) < 0) {
+        goto done;
+    }
+    if (self->weigh == Py_None) {
+        units = Py_NewRef(self->one);
+    }
+    else {
+        units = PyObject_CallOneArg(self->weigh, scope);
+        if (units == NULL) {
+            goto done;
+        }
+        int weightless = PyObject_Not(units);
+        if (weightless < 0) {
+            goto done;
+        }
+        if (weightless) {
+            result = Py_NewRef(send);
+            goto done;
+        }
+    }
+    CountingSend *counting = PyObject_GC_New(CountingSend, &CountingSendType);
+    if (counting == NULL) {
+        goto done;
+    }
+    counting->send = Py_NewRef(send);
+    counting->target = Py_NewRef(target);
+    counting->units = Py_NewRef(units);
+    counting->add = Py_NewRef(self->add);
+    counting->statuses = Py_NewRef(self->statuses);
+    counting->vectorcall = counting_send_call;
+    PyObject_GC_Track(counting);
+    result = (PyObject *)counting;
+done:
+    Py_XDECREF(units);
+    Py_DECREF(target);
+    return result;
+}
+
+static PyObject *
+fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "entries", "names", "bearer", "max_length", "add", "statuses", "counter", "closed", "weigh", NULL,
+    };
+    PyObject *entries, *names, *add, *statuses, *counter, *weigh;
+    int bearer, closed;
+    Py_ssize_t max_length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!pnOOOpO:FastPath", keywords, &PyDict_Type, &entries,
+                                     &PyTuple_Type, &names, &bearer, &max_length, &add, &statuses, &counter,
+                                     &closed, &weigh)) {
+        return NULL;
+    }
+    if (!PyAnySet_Check(statuses)) {
+        PyErr_SetString(PyExc_TypeError, "FastPath: statuses must be a set or frozenset");
+        return NULL;
+    }
+    FastPath *self = (FastPath *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->one = PyLong_FromLong(1);
+    if (self->one == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->entries = Py_NewRef(entries);
+    self->names = Py_NewRef(names);
+    self->add = Py_NewRef(add);
+    self->statuses = Py_NewRef(statuses);
+    self->counter = Py_NewRef(counter);
+    self->weigh = Py_NewRef(weigh);
+    self->bearer = bearer;
+    self->closed = closed;
+    self->max_length = max_length;
+    self->vectorcall = fast_path_call;
+    return (PyObject *)self;
+}
+
+static int
+fast_path_traverse(FastPath *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->entries);
+    Py_VISIT(self->names);
+    Py_VISIT(self->add);
+    Py_VISIT(self->statuses);
+    Py_VISIT(self->counter);
+    Py_VISIT(self->weigh);
+    return 0;
+}
+
+static int
+fast_path_clear(FastPath *self)
+{
+    Py_CLEAR(self->entries);
+    Py_CLEAR(self->names);
+    Py_CLEAR(self->add);
+    Py_CLEAR(self->statuses);
+    Py_CLEAR(self->counter);
+    Py_CLEAR(self->weigh);
+    Py_CLEAR(self->one);
+    return 0;
+}
+
+static void
+fast_path_dealloc(FastPath *self)
+{
+    PyObject_GC_UnTrack(self);
+    fast_path_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject FastPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "metered_middleware._speedups.FastPath",
+    .tp_doc = "FastPath(...)(scope, send): the send to give the app for a cached key, or None.",
+    .tp_basicsize = sizeof(FastPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = fast_path_new,
+    .tp_dealloc = (destructor)fast_path_dealloc,
+    .tp_traverse = (traverseproc)fast_path_traverse,
+    .tp_clear = (inquiry)fast_path_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(FastPath, vectorcall),
+};
+
 static PyMethodDef methods[] = {
     {"find_cached", (PyCFunction)(void (*)(void))find_cached, METH_FASTCALL,
      "find_cached(headers, entries, names, bearer, max_length): the cached target, or None."},
@@ -324,14 +551,24 @@ PyInit__speedups(void)
     if (str_type == NULL || str_status == NULL || str_response_start == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&CountingSendType) < 0) {
+    str_headers = PyUnicode_InternFromString("headers");
+    str_state = PyUnicode_InternFromString("state");
+    str_billing_target = PyUnicode_InternFromString("billing_target");
+    str_admissible = PyUnicode_InternFromString("admissible");
+    str_healthy = PyUnicode_InternFromString("healthy");
+    if (str_headers == NULL || str_state == NULL || str_billing_target == NULL || str_admissible == NULL ||
+        str_healthy == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&CountingSendType) < 0 || PyType_Ready(&FastPathType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(module, "CountingSend", (PyObject *)&CountingSendType) < 0) {
+    if (PyModule_AddObjectRef(module, "CountingSend", (PyObject *)&CountingSendType) < 0 ||
+        PyModule_AddObjectRef(module, "FastPath", (PyObject *)&FastPathType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -1,6 +1,7 @@
 from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
-from starlette.types import Message, Send
+from starlette.types import Message, Scope, Send
 
 from metered_middleware._target import BillingTarget
 
@@ -25,3 +26,19 @@ class CountingSend:
         /,
     ) -> None: ...
     def __call__(self, message: Message, /) -> Awaitable[None]: ...
+
+class FastPath:
+    def __init__(
+        self,
+        *,
+        entries: dict[int, tuple[float, int, BillingTarget | None]],
+        names: tuple[bytes, ...],
+        bearer: bool,
+        max_length: int,
+        add: Callable[[BillingTarget, int], object],
+        statuses: Collection[int],
+        counter: Any,
+        closed: bool,
+        weigh: Callable[[Scope], int] | None,
+    ) -> None: ...
+    def __call__(self, scope: Scope, send: Send, /) -> Send | None: ...

@@ -8,12 +8,21 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from metered_middleware import BillingTarget, Counter, CountStore
+from metered_middleware import BillingTarget, Counter, CountStore, _counter, _fastpath
 from metered_middleware._layout import Layout
 from metered_middleware._store import CountWrite
 from tests.helpers import pending_totals
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["python", *(["native"] if _fastpath.NATIVE else [])], autouse=True)
+def tally(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the compiled tally (where it is built) and with its Python twin."""
+    if request.param == "python":
+        monkeypatch.setattr(_counter, "Tally", _fastpath.PyTally)
+    return str(request.param)
+
 
 NOW = int(time.time())
 A = BillingTarget(customer="cus_a", subscription_item="si_a", period_start=NOW - 100, period_end=NOW + 100)

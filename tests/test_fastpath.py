@@ -9,19 +9,21 @@ from typing import Any
 import pytest
 
 from metered_middleware import BillingTarget
-from metered_middleware._fastpath import NATIVE, PyCountingSend, PyFastPath, py_find_cached
+from metered_middleware._fastpath import NATIVE, PyCountingSend, PyFastPath, PyTally, py_find_cached
 from metered_middleware._resolver import CHECK_PREFIX, cache_clock, fingerprint, key_hash
 
 Finder = Callable[..., BillingTarget | None]
 FINDERS: list[Any] = [pytest.param(py_find_cached, id="python")]
 SENDS: list[Any] = [pytest.param(PyCountingSend, id="python")]
 PATHS: list[Any] = [pytest.param(PyFastPath, id="python")]
+TALLIES: list[Any] = [pytest.param(PyTally, id="python")]
 if NATIVE:
     from metered_middleware import _speedups
 
     FINDERS.append(pytest.param(_speedups.find_cached, id="native"))
     SENDS.append(pytest.param(_speedups.CountingSend, id="native"))
     PATHS.append(pytest.param(_speedups.FastPath, id="native"))
+    TALLIES.append(pytest.param(_speedups.Tally, id="native"))
 
 KEY = b"mm_live_0123456789abcdefghijklmnopqrstuv"
 OTHER = b"mm_live_zyxwvutsrqponmlkjihgfedcba987654"
@@ -247,3 +249,52 @@ async def test_fast_path_counts_route_weights_and_passes_weightless_routes_throu
     weightless = scope_with(KEY, path="/free")
     assert path(weightless, ignore) is ignore
     assert weightless["state"] == {"billing_target": TARGET}
+
+
+@pytest.mark.parametrize("make_tally", TALLIES)
+def test_tally_sums_units_per_target_keeps_the_latest_target_and_bounds_targets(make_tally: Any) -> None:
+    """Units add up per target id (the newest target object kept); past the bound new ids are dropped and
+    counted, and every add wakes the writer until the tally is armed."""
+    calls: list[str] = []
+    tally = make_tally(2, lambda: calls.append("wake"), lambda: calls.append("overflow"))
+    renewed = BillingTarget(customer="cus_1", meter_event_name="calls", period_end=2)
+    first = BillingTarget(customer="cus_1", meter_event_name="calls", period_end=1)
+    tally.add(first, 2)
+    tally.add(renewed, 3)
+    tally.add(BillingTarget(customer="cus_2"), 1)
+    tally.armed = True
+    tally.add(BillingTarget(customer="cus_3"), 4)  # a third id: over the bound
+    tally.add(first, 1)  # a known id still counts
+    assert calls == ["wake", "wake", "wake", "overflow"]
+    assert (tally.counted_units, tally.counted_requests, tally.overflow_units) == (11, 5, 4)
+    assert len(tally) == 2
+    units, targets = tally.take()
+    assert units == {first.target_id: 6, "cus_2||": 1}
+    assert targets[first.target_id] is first
+    assert len(tally) == 0
+    assert tally.take() == ({}, {})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("make", "make_tally"),
+    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
+)
+async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None:
+    """Given a tally's add, the fast path's sends count into that tally."""
+    tally = make_tally(10, lambda: None, lambda: None)
+    path = make(
+        entries=cached(KEY),
+        names=NAMES,
+        bearer=True,
+        max_length=256,
+        add=tally.add,
+        statuses=frozenset({200}),
+        counter=Health(),
+        closed=False,
+        weigh=None,
+    )
+    for _ in range(3):
+        send = path(scope_with(KEY), ignore)
+        await send({"type": "http.response.start", "status": 200})
+    assert tally.take()[0] == {TARGET.target_id: 3}

@@ -20,6 +20,7 @@ from metered_middleware import (
     KeyRegistry,
     MeteringMiddleware,
     StaticResolver,
+    _counter,
     _fastpath,
     _middleware,
 )
@@ -36,6 +37,7 @@ def request_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """Every test here runs on the compiled request path (where it is built) and on its Python twin."""
     if request.param == "python":
         monkeypatch.setattr(_middleware, "FastPath", _fastpath.PyFastPath)
+        monkeypatch.setattr(_counter, "Tally", _fastpath.PyTally)
     return str(request.param)
 
 

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from metered_middleware._errors import StorageError
+from metered_middleware._fastpath import Tally
 from metered_middleware._layout import Layout
 from metered_middleware._store import CountStore, CountWrite
 from metered_middleware._target import BillingTarget
@@ -59,13 +60,14 @@ class Counter:
         self.layout = layout
         self.window = window
         self.max_targets = max_targets
-        self.stats = CounterStats()
+        self._stats = CounterStats()
         self.healthy = True
         self._writer = uuid.uuid4().hex
         self._seq = 0
-        # Units per target id and the latest target object per id, for the window being filled.
-        self._buffer: dict[str, int] = {}
-        self._targets: dict[str, BillingTarget] = {}
+        # Units per target id and the latest target object per id, for the window being filled. The
+        # middleware's fast path adds to it without a Python frame (``_fastpath``; compiled where built).
+        self.tally = Tally(max_targets, self._wake, self._overflowed)
+        self.tally.armed = window <= 0  # a zero window has no writer to start: commit() writes
         self._outbox: list[CountWrite] | None = None
         # A window swapped out of the buffer, not yet grouped into writes (kept across a cancellation).
         self._taking: tuple[dict[str, int], dict[str, BillingTarget]] | None = None
@@ -77,40 +79,42 @@ class Counter:
         self._closed = False
         self._overflow_logged = False
 
+    @property
+    def stats(self) -> CounterStats:
+        """Running totals; the counted and overflow figures are read from the tally as they are now."""
+        stats, tally = self._stats, self.tally
+        stats.counted_units = tally.counted_units
+        stats.counted_requests = tally.counted_requests
+        stats.overflow_units = tally.overflow_units
+        return stats
+
     # -- the request path: synchronous, no I/O --------------------------------------------------------------
     def add(self, target: BillingTarget, units: int) -> int:
         """Count ``units`` for the target; returns the generation a ``commit()`` would wait for."""
-        stats = self.stats
-        stats.counted_units += units
-        stats.counted_requests += 1
         # Two dicts of existing objects: counting allocates nothing the garbage collector tracks, so a
         # window's new targets do not trigger collections that would scan (and age) in-flight requests.
-        buffer = self._buffer
-        target_id = target.target_id
-        buffered = buffer.get(target_id)
-        if buffered is not None:
-            buffer[target_id] = buffered + units
-            self._targets[target_id] = target  # the latest period bounds win
-        elif len(buffer) < self.max_targets:
-            buffer[target_id] = units
-            self._targets[target_id] = target
-        else:
-            stats.overflow_units += units
-            if not self._overflow_logged:
-                # Once per outage: a log line per request would itself become the outage.
-                log.error(
-                    "count buffer full (%d targets): dropping units for new targets until Redis "
-                    "accepts writes; see the overflow_units metric",
-                    self.max_targets,
-                )
-                self._overflow_logged = True
-        if self._task is None and self.window > 0:
-            self._ensure_task()
+        self.tally.add(target, units)
         return self._buffer_gen
+
+    def _overflowed(self) -> None:
+        if not self._overflow_logged:
+            # Once per outage: a log line per request would itself become the outage.
+            log.error(
+                "count buffer full (%d targets): dropping units for new targets until Redis "
+                "accepts writes; see the overflow_units metric",
+                self.max_targets,
+            )
+            self._overflow_logged = True
+
+    def _wake(self) -> None:
+        if self.window > 0:
+            self._ensure_task()
 
     def _ensure_task(self) -> None:
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mm-counter")
+            if self.window > 0:
+                self.tally.armed = True  # the writer runs until aclose(): adds need not wake it again
 
     # -- writing -------------------------------------------------------------------------------------------
     async def commit(self, generation: int) -> None:
@@ -133,13 +137,13 @@ class Counter:
     async def flush(self) -> None:
         """Write everything buffered now; raises ``StorageError`` when Redis refuses."""
         async with self._lock:
-            target_gen = self._buffer_gen if self._buffer else self._outbox_gen
+            target_gen = self._buffer_gen if len(self.tally) else self._outbox_gen
             while self._acked_gen < target_gen:
                 await self._flush_locked()
 
     async def _flush_locked(self) -> None:
         if self._outbox is None:
-            if not self._buffer and self._taking is None:
+            if not len(self.tally) and self._taking is None:
                 self._acked_gen = self._buffer_gen - 1
                 return
             self._outbox = await self._take_buffer()
@@ -172,8 +176,7 @@ class Counter:
         until its writes exist, so a cancellation in between (``aclose`` stopping the task) loses nothing.
         """
         if self._taking is None:
-            self._taking = (self._buffer, self._targets)
-            self._buffer, self._targets = {}, {}
+            self._taking = self.tally.take()
             self._outbox_gen = self._buffer_gen
             self._buffer_gen += 1
         buffer, targets = self._taking

@@ -27,6 +27,8 @@ __all__ = [
     "FastPath",
     "PyCountingSend",
     "PyFastPath",
+    "PyTally",
+    "Tally",
     "find_cached",
     "py_find_cached",
 ]
@@ -64,6 +66,62 @@ def py_find_cached(
     if entry is not None and entry[1] == key_hash(CHECK_PREFIX + found) and entry[0] > cache_clock():
         return entry[2]
     return None
+
+
+class PyTally:
+    """The counter's buffer for the window being filled: units per target id, and the latest target object
+    per id (it carries the latest period bounds). Past ``max_targets`` ids, units for new ids are dropped,
+    counted in ``overflow_units``, and ``overflow()`` is called; while ``armed`` is false, every add calls
+    ``wake()`` (the counter starts its writer). ``take()`` hands over both dicts and starts empty ones.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_max",
+        "_overflow",
+        "_targets",
+        "_wake",
+        "armed",
+        "counted_requests",
+        "counted_units",
+        "overflow_units",
+    )
+
+    def __init__(self, max_targets: int, wake: Callable[[], object], overflow: Callable[[], object]) -> None:
+        self._max = max_targets
+        self._wake = wake
+        self._overflow = overflow
+        self._buffer: dict[str, int] = {}
+        self._targets: dict[str, BillingTarget] = {}
+        self.armed = False
+        self.counted_units = 0
+        self.counted_requests = 0
+        self.overflow_units = 0
+
+    def add(self, target: BillingTarget, units: int) -> None:
+        """Count ``units`` for the target."""
+        self.counted_units += units
+        self.counted_requests += 1
+        buffer = self._buffer
+        target_id = target.target_id
+        buffered = buffer.get(target_id)
+        if buffered is not None or len(buffer) < self._max:
+            buffer[target_id] = units if buffered is None else buffered + units
+            self._targets[target_id] = target
+        else:
+            self.overflow_units += units
+            self._overflow()
+        if not self.armed:
+            self._wake()
+
+    def take(self) -> tuple[dict[str, int], dict[str, BillingTarget]]:
+        """The window so far (units per target id, target per id); the tally starts empty."""
+        taken = self._buffer, self._targets
+        self._buffer, self._targets = {}, {}
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._buffer)
 
 
 class PyCountingSend:
@@ -151,6 +209,7 @@ find_cached: Callable[
     [list[tuple[bytes, bytes]], Entries, tuple[bytes, ...], bool, int], BillingTarget | None
 ]
 FastPath: type[PyFastPath] | type[_speedups.FastPath]
+Tally: type[PyTally] | type[_speedups.Tally]
 CountingSend: Callable[
     [
         Send,
@@ -174,8 +233,10 @@ except ImportError:
     find_cached = py_find_cached
     CountingSend = PyCountingSend
     FastPath = PyFastPath
+    Tally = PyTally
 else:
     NATIVE = True
     find_cached = _speedups.find_cached
     CountingSend = _speedups.CountingSend
     FastPath = _speedups.FastPath
+    Tally = _speedups.Tally

@@ -112,7 +112,7 @@ class MeteringMiddleware:
                 names=tuple(self._header_names),
                 bearer=settings.key_bearer,
                 max_length=settings.max_key_length,
-                add=self.counter.add,
+                add=self.counter.tally.add,
                 statuses=self._statuses,
                 counter=self.counter,
                 closed=self._closed_mode,

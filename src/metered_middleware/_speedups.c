@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
+#include <structmember.h>
 
 static PyObject *str_type;
 static PyObject *str_status;
@@ -192,6 +193,205 @@ monotonic(PyObject *module, PyObject *unused)
     return PyFloat_FromDouble(monotonic_now());
 }
 
+
+/* Tally(max_targets, wake, overflow): the counter's buffer for the window being filled (Counter.add).
+   add(target, units) adds to units per target id and keeps the latest target object per id; past
+   max_targets distinct ids, units for new ids are dropped and counted, and overflow() is called; while
+   `armed` is false, wake() is called (the counter starts its writer). take() hands over the two dicts
+   and starts empty ones. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *buffer;
+    PyObject *targets;
+    PyObject *wake;
+    PyObject *overflow;
+    Py_ssize_t max_targets;
+    long long counted_units;
+    long long counted_requests;
+    long long overflow_units;
+    int armed;
+} Tally;
+
+static PyTypeObject TallyType;
+static PyObject *str_target_id;
+
+static int
+tally_add(Tally *self, PyObject *target, PyObject *units)
+{
+    long long n = PyLong_AsLongLong(units);
+    if (n == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *target_id = PyObject_GetAttr(target, str_target_id);
+    if (target_id == NULL) {
+        return -1;
+    }
+    int status = -1;
+    self->counted_units += n;
+    self->counted_requests += 1;
+    PyObject *buffered = PyDict_GetItemWithError(self->buffer, target_id); /* borrowed */
+    if (buffered == NULL && PyErr_Occurred()) {
+        goto done;
+    }
+    if (buffered != NULL || PyDict_GET_SIZE(self->buffer) < self->max_targets) {
+        PyObject *total = buffered != NULL ? PyNumber_Add(buffered, units) : Py_NewRef(units);
+        if (total == NULL) {
+            goto done;
+        }
+        int failed = PyDict_SetItem(self->buffer, target_id, total) < 0;
+        Py_DECREF(total);
+        /* The latest target object wins: it carries the latest period bounds. */
+        if (failed || PyDict_SetItem(self->targets, target_id, target) < 0) {
+            goto done;
+        }
+    }
+    else {
+        self->overflow_units += n;
+        PyObject *result = PyObject_CallNoArgs(self->overflow);
+        if (result == NULL) {
+            goto done;
+        }
+        Py_DECREF(result);
+    }
+    if (!self->armed) {
+        PyObject *result = PyObject_CallNoArgs(self->wake);
+        if (result == NULL) {
+            goto done;
+        }
+        Py_DECREF(result);
+    }
+    status = 0;
+done:
+    Py_DECREF(target_id);
+    return status;
+}
+
+static PyObject *
+tally_add_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(target, units)");
+        return NULL;
+    }
+    if (tally_add((Tally *)op, args[0], args[1]) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+tally_take(PyObject *op, PyObject *unused)
+{
+    Tally *self = (Tally *)op;
+    PyObject *buffer = PyDict_New(), *targets = PyDict_New();
+    if (buffer == NULL || targets == NULL) {
+        Py_XDECREF(buffer);
+        Py_XDECREF(targets);
+        return NULL;
+    }
+    PyObject *taken = PyTuple_Pack(2, self->buffer, self->targets);
+    if (taken == NULL) {
+        Py_DECREF(buffer);
+        Py_DECREF(targets);
+        return NULL;
+    }
+    Py_SETREF(self->buffer, buffer);
+    Py_SETREF(self->targets, targets);
+    return taken;
+}
+
+static Py_ssize_t
+tally_length(PyObject *op)
+{
+    return PyDict_GET_SIZE(((Tally *)op)->buffer);
+}
+
+static PyObject *
+tally_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"max_targets", "wake", "overflow", NULL};
+    Py_ssize_t max_targets;
+    PyObject *wake, *overflow;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOO:Tally", keywords, &max_targets, &wake, &overflow)) {
+        return NULL;
+    }
+    Tally *self = (Tally *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->buffer = PyDict_New();
+    self->targets = PyDict_New();
+    if (self->buffer == NULL || self->targets == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->wake = Py_NewRef(wake);
+    self->overflow = Py_NewRef(overflow);
+    self->max_targets = max_targets;
+    return (PyObject *)self;
+}
+
+static int
+tally_traverse(Tally *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->buffer);
+    Py_VISIT(self->targets);
+    Py_VISIT(self->wake);
+    Py_VISIT(self->overflow);
+    return 0;
+}
+
+static int
+tally_clear(Tally *self)
+{
+    Py_CLEAR(self->buffer);
+    Py_CLEAR(self->targets);
+    Py_CLEAR(self->wake);
+    Py_CLEAR(self->overflow);
+    return 0;
+}
+
+static void
+tally_dealloc(Tally *self)
+{
+    PyObject_GC_UnTrack(self);
+    tally_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef tally_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))tally_add_method, METH_FASTCALL, "add(target, units)"},
+    {"take", tally_take, METH_NOARGS, "take() -> (units per target id, target per id)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef tally_members[] = {
+    {"counted_units", T_LONGLONG, offsetof(Tally, counted_units), READONLY, NULL},
+    {"counted_requests", T_LONGLONG, offsetof(Tally, counted_requests), READONLY, NULL},
+    {"overflow_units", T_LONGLONG, offsetof(Tally, overflow_units), READONLY, NULL},
+    {"armed", T_BOOL, offsetof(Tally, armed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods tally_as_sequence = {
+    .sq_length = tally_length,
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "metered_middleware._speedups.Tally",
+    .tp_doc = "Tally(max_targets, wake, overflow): units per target for the window being filled.",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = tally_new,
+    .tp_dealloc = (destructor)tally_dealloc,
+    .tp_traverse = (traverseproc)tally_traverse,
+    .tp_clear = (inquiry)tally_clear,
+    .tp_methods = tally_methods,
+    .tp_members = tally_members,
+    .tp_as_sequence = &tally_as_sequence,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *send;
@@ -227,7 +427,12 @@ counting_send_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
                 if (counted < 0) {
                     return NULL;
                 }
-                if (counted) {
+                if (counted && Py_IS_TYPE(self->add, &TallyType)) {
+                    if (tally_add((Tally *)self->add, self->target, self->units) < 0) {
+                        return NULL;
+                    }
+                }
+                else if (counted) {
                     PyObject *add_args[2] = {self->target, self->units};
                     PyObject *result = PyObject_Vectorcall(self->add, add_args, 2, NULL);
                     if (result == NULL) {
@@ -462,6 +667,12 @@ fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "FastPath: statuses must be a set or frozenset");
         return NULL;
     }
+    /* A tally's own bound add is called without a Python call at all (CountingSend checks the type). */
+    if (PyCFunction_Check(add) && PyCFunction_GET_SELF(add) != NULL &&
+        Py_IS_TYPE(PyCFunction_GET_SELF(add), &TallyType) &&
+        PyCFunction_GET_FUNCTION(add) == (PyCFunction)(void (*)(void))tally_add_method) {
+        add = PyCFunction_GET_SELF(add);
+    }
     FastPath *self = (FastPath *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
@@ -556,11 +767,15 @@ PyInit__speedups(void)
     str_billing_target = PyUnicode_InternFromString("billing_target");
     str_admissible = PyUnicode_InternFromString("admissible");
     str_healthy = PyUnicode_InternFromString("healthy");
+    str_target_id = PyUnicode_InternFromString("target_id");
+    if (str_target_id == NULL) {
+        return NULL;
+    }
     if (str_headers == NULL || str_state == NULL || str_billing_target == NULL || str_admissible == NULL ||
         str_healthy == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&CountingSendType) < 0 || PyType_Ready(&FastPathType) < 0) {
+    if (PyType_Ready(&TallyType) < 0 || PyType_Ready(&CountingSendType) < 0 || PyType_Ready(&FastPathType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
@@ -568,7 +783,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "CountingSend", (PyObject *)&CountingSendType) < 0 ||
-        PyModule_AddObjectRef(module, "FastPath", (PyObject *)&FastPathType) < 0) {
+        PyModule_AddObjectRef(module, "FastPath", (PyObject *)&FastPathType) < 0 ||
+        PyModule_AddObjectRef(module, "Tally", (PyObject *)&TallyType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

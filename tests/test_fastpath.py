@@ -169,7 +169,7 @@ class Health:
 
 
 def fast_path(
-    make: Any, *, closed: bool = False, weigh: Any = None, counter: Any = None
+    make: Any, *, closed: bool = False, weigh: Any = None, counter: Any = None, excluded: Any = None
 ) -> tuple[Any, list[Any]]:
     """A fast path over a cache holding KEY (admissible) and OTHER (revoked), and what it adds."""
     added: list[tuple[BillingTarget, int]] = []
@@ -186,6 +186,7 @@ def fast_path(
         counter=counter or Health(),
         closed=closed,
         weigh=weigh,
+        excluded=excluded,
     )
     return path, added
 
@@ -293,8 +294,27 @@ async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None
         counter=Health(),
         closed=False,
         weigh=None,
+        excluded=None,
     )
     for _ in range(3):
         send = path(scope_with(KEY), ignore)
         await send({"type": "http.response.start", "status": 200})
     assert tally.take()[0] == {TARGET.target_id: 3}
+
+
+@pytest.mark.parametrize("make", PATHS)
+def test_fast_path_passes_excluded_paths_through_and_leaves_unjudged_ones_to_the_general_path(
+    make: Any,
+) -> None:
+    """An excluded path gets the server's send and no target, key or not; a path the general path has not
+    judged yet goes there; a path judged metered is metered."""
+    judged = {"/health": True, "/v1/x": False}
+    path, _ = fast_path(make, excluded=judged)
+    health = scope_with(b"", path="/health")
+    assert path(health, ignore) is ignore
+    assert "state" not in health
+    assert path(scope_with(KEY, path="/health"), ignore) is ignore
+    assert path(scope_with(KEY, path="/v1/new"), ignore) is None
+    metered = scope_with(KEY)
+    assert path(metered, ignore) not in (None, ignore)
+    assert metered["state"] == {"billing_target": TARGET}

@@ -151,9 +151,9 @@ class PyCountingSend:
 
 class PyFastPath:
     """The whole request path for a cached key: ``path(scope, send)`` puts the target in the scope's state
-    and returns the ``send`` to give the app (a counting one, or ``send`` itself for a route weighing 0),
-    or None when the general path must judge the request (no key, a miss, a refusal, Redis down while
-    closed)."""
+    and returns the ``send`` to give the app (a counting one, or ``send`` itself for a route weighing 0 or
+    an excluded path), or None when the general path must judge the request (no key, a miss, a refusal,
+    Redis down while closed, a path not yet judged for exclusion)."""
 
     __slots__ = (
         "_add",
@@ -161,6 +161,7 @@ class PyFastPath:
         "_closed",
         "_counter",
         "_entries",
+        "_excluded",
         "_max",
         "_names",
         "_statuses",
@@ -179,7 +180,9 @@ class PyFastPath:
         counter: Any,
         closed: bool,
         weigh: Callable[[Scope], int] | None,
+        excluded: dict[str, bool] | None,
     ) -> None:
+        self._excluded = excluded
         self._entries = entries
         self._names = names
         self._bearer = bearer
@@ -191,6 +194,14 @@ class PyFastPath:
         self._weigh = weigh
 
     def __call__(self, scope: Scope, send: Send) -> Send | None:
+        if self._excluded is not None:
+            # Excluded paths pass through unmetered; a path not judged yet goes to the general path, which
+            # judges it once and remembers the answer in this dict.
+            excluded = self._excluded.get(scope["path"])
+            if excluded is None:
+                return None
+            if excluded:
+                return send
         target = py_find_cached(scope["headers"], self._entries, self._names, self._bearer, self._max)
         if target is None or not target.admissible or (self._closed and not self._counter.healthy):
             return None

@@ -117,6 +117,7 @@ class MeteringMiddleware:
                 counter=self.counter,
                 closed=self._closed_mode,
                 weigh=self._weigh_scope if self._weights else None,
+                excluded=self._excluded_paths if self._excluded is not None else None,
             )
             if self._fast_keys and not self._immediate
             else None
@@ -126,14 +127,6 @@ class MeteringMiddleware:
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
-        # The HTTP path, inline: every frame and lookup here is paid on every request of every customer.
-        if self._excluded is not None:
-            excluded = self._excluded_paths.get(scope["path"])
-            if excluded is None:
-                excluded = self._is_excluded(scope["path"])
-            if excluded:
-                await self.app(scope, receive, send)
-                return
         # The common case, in one call: one key in the Authorization header (Bearer) or a key header,
         # already cached and admissible. It comes back None for anything else (two key headers, no key, a
         # key not cached, a refusal), which the general path judges.

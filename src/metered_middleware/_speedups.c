@@ -24,6 +24,7 @@ static PyObject *str_type;
 static PyObject *str_status;
 static PyObject *str_response_start;
 static PyObject *str_headers;
+static PyObject *str_path;
 static PyObject *str_state;
 static PyObject *str_billing_target;
 static PyObject *str_admissible;
@@ -527,10 +528,11 @@ static PyTypeObject CountingSendType = {
     .tp_vectorcall = counting_send_new_vectorcall,
 };
 
-/* FastPath(entries, names, bearer, max_length, add, statuses, counter, closed, weigh): the whole request
-   path for a cached key, as one call: path(scope, send) puts the target in scope["state"] and returns the
-   `send` to give the app (a CountingSend, or `send` itself for a route weighing 0), or None when the general
-   path must judge the request (no key, a miss, a refusal, or Redis down in closed mode). */
+/* FastPath(entries, names, bearer, max_length, add, statuses, counter, closed, weigh, excluded): the
+   whole request path for a cached key, as one call: path(scope, send) puts the target in scope["state"]
+   and returns the `send` to give the app (a CountingSend, or `send` itself for a route weighing 0 or an
+   excluded path), or None when the general path must judge the request (no key, a miss, a refusal, Redis
+   down in closed mode, a path not yet judged for exclusion). */
 typedef struct {
     PyObject_HEAD
     PyObject *entries;
@@ -539,6 +541,7 @@ typedef struct {
     PyObject *statuses;
     PyObject *counter;
     PyObject *weigh;
+    PyObject *excluded;
     PyObject *one;
     Py_ssize_t max_length;
     int bearer;
@@ -558,6 +561,21 @@ fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
     PyObject *scope = args[0], *send = args[1];
     if (!PyDict_Check(scope)) {
         Py_RETURN_NONE;
+    }
+    if (self->excluded != Py_None) {
+        /* Excluded paths pass through unmetered; a path not judged yet goes to the general path, which
+           judges it once and remembers the answer in this dict. */
+        PyObject *path = PyDict_GetItemWithError(scope, str_path);
+        PyObject *excluded = path == NULL ? NULL : PyDict_GetItemWithError(self->excluded, path);
+        if (excluded == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (excluded == Py_True) {
+            return Py_NewRef(send);
+        }
     }
     PyObject *headers = PyDict_GetItemWithError(scope, str_headers);
     if (headers == NULL) {
@@ -653,14 +671,19 @@ static PyObject *
 fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
-        "entries", "names", "bearer", "max_length", "add", "statuses", "counter", "closed", "weigh", NULL,
+        "entries", "names", "bearer", "max_length", "add", "statuses", "counter", "closed", "weigh",
+        "excluded", NULL,
     };
-    PyObject *entries, *names, *add, *statuses, *counter, *weigh;
+    PyObject *entries, *names, *add, *statuses, *counter, *weigh, *excluded;
     int bearer, closed;
     Py_ssize_t max_length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!pnOOOpO:FastPath", keywords, &PyDict_Type, &entries,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!pnOOOpOO:FastPath", keywords, &PyDict_Type, &entries,
                                      &PyTuple_Type, &names, &bearer, &max_length, &add, &statuses, &counter,
-                                     &closed, &weigh)) {
+                                     &closed, &weigh, &excluded)) {
+        return NULL;
+    }
+    if (excluded != Py_None && !PyDict_Check(excluded)) {
+        PyErr_SetString(PyExc_TypeError, "FastPath: excluded must be a dict or None");
         return NULL;
     }
     if (!PyAnySet_Check(statuses)) {
@@ -688,6 +711,7 @@ fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->statuses = Py_NewRef(statuses);
     self->counter = Py_NewRef(counter);
     self->weigh = Py_NewRef(weigh);
+    self->excluded = Py_NewRef(excluded);
     self->bearer = bearer;
     self->closed = closed;
     self->max_length = max_length;
@@ -704,6 +728,7 @@ fast_path_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->statuses);
     Py_VISIT(self->counter);
     Py_VISIT(self->weigh);
+    Py_VISIT(self->excluded);
     return 0;
 }
 
@@ -716,6 +741,7 @@ fast_path_clear(FastPath *self)
     Py_CLEAR(self->statuses);
     Py_CLEAR(self->counter);
     Py_CLEAR(self->weigh);
+    Py_CLEAR(self->excluded);
     Py_CLEAR(self->one);
     return 0;
 }
@@ -767,6 +793,10 @@ PyInit__speedups(void)
     str_billing_target = PyUnicode_InternFromString("billing_target");
     str_admissible = PyUnicode_InternFromString("admissible");
     str_healthy = PyUnicode_InternFromString("healthy");
+    str_path = PyUnicode_InternFromString("path");
+    if (str_path == NULL) {
+        return NULL;
+    }
     str_target_id = PyUnicode_InternFromString("target_id");
     if (str_target_id == NULL) {
         return NULL;

@@ -40,6 +40,7 @@ class FastPath:
         counter: Any,
         closed: bool,
         weigh: Callable[[Scope], int] | None,
+        excluded: dict[str, bool] | None,
     ) -> None: ...
     def __call__(self, scope: Scope, send: Send, /) -> Send | None: ...
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -71,10 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print(f"wrk is not installed; install it with: {run.WRK_INSTALL}", file=sys.stderr)
         return 2
-    load_cpus = run.other_cpus(args.app_cpus)
-    if load_cpus and hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+    load_cpus = run.keep_off(args.app_cpus)
 
     from metered_middleware.testing.emulator import StripeEmulator
 
@@ -84,10 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         targets = run.make_targets(emulator.client(), args.keys)
         keys = asyncio.run(run.issue_keys(redis_server.url, targets))
-        (workdir / "keys.txt").write_text("\n".join(keys) + "\n")
-        script = workdir / "rotate.lua"
-        paths = ", ".join(f'"{p}"' for p in run.PATHS)
-        script.write_text(run.WRK_SCRIPT % {"keyfile": workdir / "keys.txt", "paths": paths})
+        script = run.rotation_script(workdir, keys)
         env = {
             "MM_BENCH_REDIS_URL": redis_server.url,
             "MM_BENCH_STRIPE_URL": emulator.url,

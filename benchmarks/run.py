@@ -130,6 +130,25 @@ def other_cpus(app_cpus: str) -> str:
     return ",".join(rest) if rest else ""
 
 
+def keep_off(app_cpus: str) -> str:
+    """Pin this process (so wrk, Redis and the emulator it starts) to the cores the servers leave; those."""
+    load_cpus = other_cpus(app_cpus)
+    if load_cpus and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+    return load_cpus
+
+
+def rotation_script(workdir: Path, keys: Sequence[str]) -> Path:
+    """Write the keys and the wrk script that rotates them and the paths per request; the script's path."""
+    keyfile = workdir / "keys.txt"
+    keyfile.write_text("\n".join(keys) + "\n")
+    script = workdir / "rotate.lua"
+    paths = ", ".join(f'"{p}"' for p in PATHS)
+    script.write_text(WRK_SCRIPT % {"keyfile": keyfile, "paths": paths})
+    return script
+
+
 def stop(proc: subprocess.Popen[bytes]) -> int:
     """Stop a process group started with ``start_new_session`` (SIGTERM, then SIGKILL); its exit status
     if it had exited by itself, else 0."""
@@ -464,11 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print("--quick: using the built-in httpx load generator (figures are not comparable)")
     app_cpus = args.app_cpus
-    load_cpus = other_cpus(app_cpus)
-    # Redis, the emulator and this process (so wrk too) stay off the servers' core.
-    if load_cpus and hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+    load_cpus = keep_off(app_cpus)
 
     from metered_middleware.testing.emulator import StripeEmulator
 
@@ -479,11 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"setting up {args.keys} customers and keys ...", flush=True)
         targets = make_targets(emulator.client(), args.keys)
         keys = asyncio.run(issue_keys(redis_server.url, targets))
-        keyfile = workdir / "keys.txt"
-        keyfile.write_text("\n".join(keys) + "\n")
-        script = workdir / "rotate.lua"
-        paths = ", ".join(f'"{p}"' for p in PATHS)
-        script.write_text(WRK_SCRIPT % {"keyfile": keyfile, "paths": paths})
+        script = rotation_script(workdir, keys)
         env = {
             "MM_BENCH_REDIS_URL": redis_server.url,
             "MM_BENCH_STRIPE_URL": emulator.url,

@@ -1,8 +1,9 @@
 """The request path for cached keys: the compiled ``_speedups`` where built, else this module's twin.
 
-Both do the same thing: find the one key on a request, read the resolver cache's entry for its fingerprint,
-and wrap ``send`` so the response is counted once its status is known. Anything unusual (no key, two keys,
-a miss, an expired entry) comes back as None, and the middleware's general path judges it. The compiled
+Both do the same thing. ``FastPath(scope, send)`` finds the one key on a request, reads the resolver cache's
+entry for its fingerprint, admits it and wraps ``send`` so the response is counted, once its status is
+known, into the counter's ``Tally`` (its window buffer). Anything unusual (no key, two keys, a miss, an
+expired entry, a refusal) comes back as None, and the middleware's general path judges it. The compiled
 module exists because, in a busy server, every Python-level operation on this path costs several times its
 in-process price (its code and data are cold between requests); see ``benchmarks/README.md``.
 
@@ -23,13 +24,11 @@ from metered_middleware._target import BillingTarget
 
 __all__ = [
     "NATIVE",
-    "CountingSend",
     "FastPath",
     "PyCountingSend",
     "PyFastPath",
     "PyTally",
     "Tally",
-    "find_cached",
     "py_find_cached",
 ]
 
@@ -216,21 +215,8 @@ class PyFastPath:
 
 
 NATIVE: bool
-find_cached: Callable[
-    [list[tuple[bytes, bytes]], Entries, tuple[bytes, ...], bool, int], BillingTarget | None
-]
 FastPath: type[PyFastPath] | type[_speedups.FastPath]
 Tally: type[PyTally] | type[_speedups.Tally]
-CountingSend: Callable[
-    [
-        Send,
-        BillingTarget,
-        int,
-        Callable[[BillingTarget, int], object],
-        Collection[int],
-    ],
-    Send,
-]
 _PURE: Final = os.environ.get("METERED_PURE_PYTHON", "") not in ("", "0")
 
 try:
@@ -241,13 +227,9 @@ try:
     from metered_middleware import _speedups
 except ImportError:
     NATIVE = False
-    find_cached = py_find_cached
-    CountingSend = PyCountingSend
     FastPath = PyFastPath
     Tally = PyTally
 else:
     NATIVE = True
-    find_cached = _speedups.find_cached
-    CountingSend = _speedups.CountingSend
     FastPath = _speedups.FastPath
     Tally = _speedups.Tally

@@ -4,13 +4,16 @@
    concatenation, a closure) cost several times its in-process price, because the code and data it touched
    were cold between requests. This module does the same work in two compact functions: nothing here is
    new logic, and `_fastpath.py` holds the pure-Python twin that runs wherever this module is not built.
-   The answers must be the same as the general path's; `tests/test_fastpath.py` checks both against it.
+   The answers must be the twin's; `tests/test_fastpath.py` runs the same cases on both, and the middleware
+   and counter tests run on both.
 
+   - FastPath(...)(scope, send): the middleware's whole path for a cached key, in one call (below).
    - find_cached(headers, entries, names, bearer, max_length): the cached target for the request's key, or
      None for anything else (no key, two keys, a miss, an expired or mismatched entry), which the general
      path then judges. `entries` is CachingResolver._entries: first hash -> (expiry, second hash, target).
    - CountingSend(send, target, units, add, statuses): the `send` wrapper that counts the response once
      its status is known: add(target, units) when an `http.response.start` carries a status in `statuses`.
+   - Tally(max_targets, wake, overflow): the counter's buffer for the window being filled.
    - monotonic(): the clock the cache's expiries are written and read with (CLOCK_MONOTONIC).
 */
 #define PY_SSIZE_T_CLEAN

@@ -103,7 +103,7 @@ class MeteringMiddleware:
         self._closed_mode = settings.fail_mode == "closed"
         self._immediate = settings.coalesce_window == 0
         # The fast path: keys from headers only (a query-string key takes the general path).
-        self._fast_keys = settings.key_query_param is None and b"authorization" not in self._header_names
+        fast_keys = settings.key_query_param is None and b"authorization" not in self._header_names
         # The resolver cache's dict is read directly (the same object for the cache's life; never rebound).
         # With a zero window a count must be committed before the response: the general path does that.
         self._fast = (
@@ -119,7 +119,7 @@ class MeteringMiddleware:
                 weigh=self._weigh_scope if self._weights else None,
                 excluded=self._excluded_paths if self._excluded is not None else None,
             )
-            if self._fast_keys and not self._immediate
+            if fast_keys and not self._immediate
             else None
         )
 

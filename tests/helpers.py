@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -134,3 +135,14 @@ async def count_as_middleware(
     writes = [CountWrite(shard, writer, seq, group) for shard, group in by_shard.items()]
     results = await CountStore(redis, layout).apply(writes)
     assert all(r is True for r in results), results
+
+
+def use_pure_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the request path, the tally and the window's grouping and encoding on their Python twins."""
+    from metered_middleware import _counter, _fastpath, _middleware, _store
+
+    monkeypatch.setattr(_middleware, "FastPath", _fastpath.PyFastPath)
+    monkeypatch.setattr(_counter, "Tally", _fastpath.PyTally)
+    monkeypatch.setattr(_counter, "NATIVE", False)
+    monkeypatch.setattr(_store, "NATIVE", False)
+    monkeypatch.setattr(_store, "encode_lines", _fastpath.py_encode_lines)

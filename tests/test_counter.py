@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 from metered_middleware import BillingTarget, Counter, CountStore, _counter, _fastpath
 from metered_middleware._layout import Layout
 from metered_middleware._store import CountWrite
-from tests.helpers import pending_totals
+from tests.helpers import pending_totals, use_pure_python
 
 pytestmark = pytest.mark.anyio
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.anyio
 def tally(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with the compiled tally (where it is built) and with its Python twin."""
     if request.param == "python":
-        monkeypatch.setattr(_counter, "Tally", _fastpath.PyTally)
+        use_pure_python(monkeypatch)
     return str(request.param)
 
 
@@ -75,9 +76,13 @@ async def test_many_adds_one_write(redis_client: aioredis.Redis) -> None:
     await counter.aclose()
 
 
-async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(redis_client: aioredis.Redis) -> None:
-    """Grouping a big window yields to the event loop; a cancellation there (``aclose`` stopping the writer)
-    keeps the window, and the next flush writes every unit once, with what was counted meanwhile."""
+async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grouping a big window in Python yields to the event loop; a cancellation there (``aclose`` stopping
+    the writer) keeps the window, and the next flush writes every unit once, with what was counted
+    meanwhile. (The compiled grouping does not yield: the next test cancels its write in flight.)"""
+    monkeypatch.setattr(_counter, "NATIVE", False)
     layout = Layout("mm", 4)
     counter = Counter(CountStore(redis_client, layout), layout, window=10)
     targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
@@ -89,6 +94,35 @@ async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(redis_clien
     assert counter._taking is not None, "the cancellation must land while the window is being grouped"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
+        await task
+    counter.add(targets[0], 5)
+    await counter.flush()
+    expected = {t.target_id: 2 for t in targets}
+    expected[targets[0].target_id] = 7
+    assert await pending_totals(redis_client, layout) == expected
+    assert counter.stats.buffered_units == 0
+    await counter.aclose()
+
+
+async def test_a_flush_cancelled_while_its_write_is_in_flight_counts_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Cancelled while Redis has (or has not yet) applied the window's writes: unacknowledged writes stay in
+    the outbox and are resent with the same (writer, seq), so every unit lands exactly once."""
+    layout = Layout("mm", 4)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10)
+    targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
+    for target in targets:
+        counter.add(target, 2)
+    task = asyncio.get_running_loop().create_task(counter.flush())
+    for _ in range(100):  # a few loop turns: the window is taken and grouped, the pipeline is sent
+        if counter._outbox is not None:
+            break
+        await asyncio.sleep(0)
+    assert counter._outbox is not None, "the cancellation must land while the writes are in flight"
+    task.cancel()
+    # redis-py may finish the pipeline it is reading and swallow the cancellation: either way, once.
+    with contextlib.suppress(asyncio.CancelledError):
         await task
     counter.add(targets[0], 5)
     await counter.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +10,16 @@ from typing import Any
 import pytest
 
 from metered_middleware import BillingTarget
-from metered_middleware._fastpath import NATIVE, PyCountingSend, PyFastPath, PyTally, py_find_cached
+from metered_middleware._fastpath import (
+    NATIVE,
+    PyCountingSend,
+    PyFastPath,
+    PyTally,
+    py_encode_lines,
+    py_find_cached,
+    py_group_by_shard,
+)
+from metered_middleware._layout import Layout
 from metered_middleware._resolver import CHECK_PREFIX, cache_clock, fingerprint, key_hash
 
 Finder = Callable[..., BillingTarget | None]
@@ -17,6 +27,8 @@ FINDERS: list[Any] = [pytest.param(py_find_cached, id="python")]
 SENDS: list[Any] = [pytest.param(PyCountingSend, id="python")]
 PATHS: list[Any] = [pytest.param(PyFastPath, id="python")]
 TALLIES: list[Any] = [pytest.param(PyTally, id="python")]
+GROUPERS: list[Any] = [pytest.param(py_group_by_shard, id="python")]
+ENCODERS: list[Any] = [pytest.param(py_encode_lines, id="python")]
 if NATIVE:
     from metered_middleware import _speedups
 
@@ -24,6 +36,8 @@ if NATIVE:
     SENDS.append(pytest.param(_speedups.CountingSend, id="native"))
     PATHS.append(pytest.param(_speedups.FastPath, id="native"))
     TALLIES.append(pytest.param(_speedups.Tally, id="native"))
+    GROUPERS.append(pytest.param(_speedups.group_by_shard, id="native"))
+    ENCODERS.append(pytest.param(_speedups.encode_lines, id="native"))
 
 KEY = b"mm_live_0123456789abcdefghijklmnopqrstuv"
 OTHER = b"mm_live_zyxwvutsrqponmlkjihgfedcba987654"
@@ -318,3 +332,142 @@ def test_fast_path_passes_excluded_paths_through_and_leaves_unjudged_ones_to_the
     metered = scope_with(KEY)
     assert path(metered, ignore) not in (None, ignore)
     assert metered["state"] == {"billing_target": TARGET}
+
+
+class RenamedTarget(BillingTarget):
+    """A subclass: the compiled path reads BillingTarget's own slots directly and anything else by name."""
+
+    __slots__ = ()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("make", "make_tally"),
+    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
+)
+async def test_targets_of_a_subclass_are_admitted_and_counted_alike(make: Any, make_tally: Any) -> None:
+    """A BillingTarget subclass (an app's own) is admitted, refused and counted by its fields, like the
+    class itself."""
+    tally = make_tally(10, lambda: None, lambda: None)
+    entries = cached(KEY)
+    first, second = fingerprint(OTHER)
+    entries[first] = (cache_clock() + 60, second, RenamedTarget(customer="cus_r", revoked=True))
+    sub = RenamedTarget(customer="cus_s", meter_event_name="calls")
+    entries[fingerprint(KEY)[0]] = (cache_clock() + 60, fingerprint(KEY)[1], sub)
+    path = make(
+        entries=entries,
+        names=NAMES,
+        bearer=True,
+        max_length=256,
+        add=tally.add,
+        statuses=frozenset({200}),
+        counter=Health(),
+        closed=False,
+        weigh=None,
+        excluded=None,
+    )
+    assert path(scope_with(OTHER), ignore) is None  # revoked, read through the subclass
+    send = path(scope_with(KEY), ignore)
+    await send({"type": "http.response.start", "status": 200})
+    assert tally.take() == ({"cus_s||calls": 1}, {"cus_s||calls": sub})
+
+
+def random_id(rnd: random.Random) -> str:
+    alphabet = "abcxyz_019é€😀"  # non-ASCII too: the shard is the CRC-32 of the id's UTF-8
+    return "cus_" + "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 30)))
+
+
+@pytest.mark.parametrize("group", GROUPERS)
+@pytest.mark.parametrize("shards", [1, 3, 4, 16])
+def test_a_window_is_grouped_by_the_layouts_shard_in_buffer_order(group: Any, shards: int) -> None:
+    """Every line lands in Layout.shard_of's shard (what every other process computes), once, in the
+    window's order, shards ascending."""
+    rnd = random.Random(shards)
+    targets = {t.target_id: t for t in (BillingTarget(customer=random_id(rnd)) for _ in range(300))}
+    buffer = {target_id: rnd.randrange(1, 1 << 40) for target_id in targets}
+    layout = Layout("mm", shards)
+    grouped = group(buffer, targets, shards)
+    assert [shard for shard, _ in grouped] == sorted({layout.shard_of(i) for i in buffer})
+    for shard, lines in grouped:
+        expected = [(targets[i], units) for i, units in buffer.items() if layout.shard_of(i) == shard]
+        assert lines == expected
+        assert all(line[0] is targets[line[0].target_id] for line in lines)
+    assert group({}, {}, shards) == []
+
+
+@pytest.mark.parametrize("group", GROUPERS)
+def test_grouping_refuses_a_window_it_cannot_place(group: Any) -> None:
+    """A target id without its target, or no shards: an error, not a silently smaller window."""
+    with pytest.raises(KeyError):
+        group({"cus_a||": 1}, {}, 4)
+    with pytest.raises(ValueError, match="shards must be positive"):
+        group({"cus_a||": 1}, {"cus_a||": BillingTarget(customer="cus_a")}, 0)
+
+
+def random_lines(rnd: random.Random, count: int) -> list[tuple[BillingTarget, int]]:
+    starts = [1_700_000_000 + n * 86_400 for n in range(4)]
+    lines: list[tuple[BillingTarget, int]] = []
+    for n in range(count):
+        start = rnd.choice([*starts, None])
+        cls = rnd.choice([BillingTarget, RenamedTarget])
+        target = cls(
+            customer=f"{random_id(rnd)}{n}",
+            meter_event_name=rnd.choice([None, "calls"]),
+            period_start=start,
+            # some periods without an end (no usage hash), and ends that differ within one period
+            period_end=None if start is None or rnd.random() < 0.1 else start + rnd.randrange(1, 40) * 86_400,
+        )
+        lines.append((target, rnd.choice([1, 2, 999, 1 << 40])))
+    return lines
+
+
+def asking(asked: list[str]) -> Callable[[BillingTarget], str | None]:
+    """A metadata decider that records whom it was asked about and answers for some of them."""
+
+    def decide(target: BillingTarget) -> str | None:
+        asked.append(target.target_id)
+        return None if len(target.target_id) % 3 == 0 else "{}"
+
+    return decide
+
+
+def test_the_compiled_encoder_writes_the_twins_bytes() -> None:
+    """Byte for byte, over random windows: the same period order, expiries, blobs and metadata asked for."""
+    if not NATIVE:
+        pytest.skip("the compiled module is not built here: nothing to compare the twin with")
+    rnd = random.Random(7)
+    for _ in range(50):
+        lines = random_lines(rnd, rnd.randrange(0, 120))
+        now = time.monotonic()
+        sent = {t.target_id: (t, now - rnd.choice([0, 400])) for t, _ in lines if rnd.random() < 0.5}
+        twin_asked: list[str] = []
+        compiled_asked: list[str] = []
+        twin = py_encode_lines(lines, 3_456_000, sent, now - 300, asking(twin_asked))
+        compiled = _speedups.encode_lines(lines, 3_456_000, sent, now - 300, asking(compiled_asked))
+        assert compiled == twin
+        assert compiled_asked == twin_asked
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_encoded_lines_are_framed_per_period_with_the_latest_expiry(encode: Any) -> None:
+    """Lines of one period share its blob and its latest end plus the retention; periodless lines go to
+    blob 0; metadata is asked for only where the last one sent is not this very target, recently."""
+    a = BillingTarget(customer="cus_a", period_start=100, period_end=200)
+    b = BillingTarget(customer="cus_b", meter_event_name="calls", period_start=100, period_end=300)
+    c = BillingTarget(customer="cus_c", period_start=50, period_end=60)
+    d = BillingTarget(customer="cus_d")
+    asked: list[str] = []
+
+    def decide(target: BillingTarget) -> str | None:
+        asked.append(target.target_id)
+        return "{}" if target is not c else None
+
+    sent = {a.target_id: (a, 1_000.0), d.target_id: (d, 10.0), c.target_id: (BillingTarget("cus_c"), 1_000.0)}
+    encoded = encode([(a, 3), (d, 1), (b, 12), (c, 5)], 1_000, sent, 500.0, decide)
+    starts, expire_at, blobs, meta_args = encoded
+    assert starts == [100, 50]
+    assert expire_at == [1_300, 1_060]
+    assert blobs == [b"cus_d||\t1\n", b"cus_a||\t3\ncus_b||calls\t12\n", b"cus_c||\t5\n"]
+    assert asked == ["cus_d||", "cus_b||calls", "cus_c||"]  # a: the same object, sent recently
+    assert meta_args == ["cus_d||", "{}", "cus_b||calls", "{}"]
+    assert encode([], 1_000, {}, 0.0, decide) == ([], [], [b""], [])

@@ -20,12 +20,10 @@ from metered_middleware import (
     KeyRegistry,
     MeteringMiddleware,
     StaticResolver,
-    _counter,
     _fastpath,
-    _middleware,
 )
 from metered_middleware._resolver import fingerprint
-from tests.helpers import Lifespan, make_app, pending_totals, websocket_session
+from tests.helpers import Lifespan, make_app, pending_totals, use_pure_python, websocket_session
 
 pytestmark = pytest.mark.anyio
 
@@ -36,8 +34,7 @@ PATHS = ["python", *(["native"] if _fastpath.NATIVE else [])]
 def request_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on the compiled request path (where it is built) and on its Python twin."""
     if request.param == "python":
-        monkeypatch.setattr(_middleware, "FastPath", _fastpath.PyFastPath)
-        monkeypatch.setattr(_counter, "Tally", _fastpath.PyTally)
+        use_pure_python(monkeypatch)
     return str(request.param)
 
 

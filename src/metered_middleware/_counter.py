@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from metered_middleware._errors import StorageError
-from metered_middleware._fastpath import Tally
+from metered_middleware._fastpath import NATIVE, Tally, group_by_shard
 from metered_middleware._layout import Layout
 from metered_middleware._store import CountStore, CountWrite
 from metered_middleware._target import BillingTarget
@@ -23,9 +23,23 @@ __all__ = ["Counter", "CounterStats"]
 
 log = logging.getLogger("metered_middleware.counter")
 
-# Lines grouped between two yields to the event loop while a window is taken: with 1,000 targets a window
-# the grouping is ~0.4 ms of loop time in a busy server, which every request in flight would wait out.
+# Lines grouped between two yields to the event loop while a window is taken in pure Python: with 1,000
+# targets a window the grouping is ~0.4 ms of loop time in a busy server, which every request in flight
+# would wait out. (Compiled, it is ~25 us and runs in one go.)
 _TAKE_CHUNK = 128
+
+
+async def _group_yielding(
+    buffer: dict[str, int], targets: dict[str, BillingTarget], layout: Layout
+) -> list[tuple[int, list[tuple[BillingTarget, int]]]]:
+    """``group_by_shard`` in pure Python, yielding to the event loop every ``_TAKE_CHUNK`` lines."""
+    by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
+    shard_of = layout.shard_of
+    for n, (target_id, units) in enumerate(buffer.items(), 1):
+        by_shard.setdefault(shard_of(target_id), []).append((targets[target_id], units))
+        if n % _TAKE_CHUNK == 0:
+            await asyncio.sleep(0)
+    return sorted(by_shard.items())
 
 
 @dataclass(slots=True)
@@ -180,14 +194,12 @@ class Counter:
             self._outbox_gen = self._buffer_gen
             self._buffer_gen += 1
         buffer, targets = self._taking
-        by_shard: dict[int, list[tuple[BillingTarget, int]]] = {}
-        shard_of = self.layout.shard_of
-        for n, (target_id, units) in enumerate(buffer.items(), 1):
-            by_shard.setdefault(shard_of(target_id), []).append((targets[target_id], units))
-            if n % _TAKE_CHUNK == 0:
-                await asyncio.sleep(0)
+        if NATIVE:
+            grouped = group_by_shard(buffer, targets, self.layout.shards)  # ~25 us per 1,000 lines
+        else:
+            grouped = await _group_yielding(buffer, targets, self.layout)
         writes: list[CountWrite] = []
-        for shard, lines in sorted(by_shard.items()):
+        for shard, lines in grouped:
             self._seq += 1
             writes.append(CountWrite(shard, self._writer, self._seq, lines))
         self._taking = None

@@ -1,4 +1,5 @@
-"""The request path for cached keys: the compiled ``_speedups`` where built, else this module's twin.
+"""The request path for cached keys and the count window: the compiled ``_speedups`` where built, else
+this module's twins.
 
 Both do the same thing. ``FastPath(scope, send)`` finds the one key on a request, reads the resolver cache's
 entry for its fingerprint, admits it and wraps ``send`` so the response is counted, once its status is
@@ -7,6 +8,10 @@ expired entry, a refusal) comes back as None, and the middleware's general path 
 module exists because, in a busy server, every Python-level operation on this path costs several times its
 in-process price (its code and data are cold between requests); see ``benchmarks/README.md``.
 
+The count window's side: ``group_by_shard`` splits a window taken from the ``Tally`` into each shard's
+lines, and ``encode_lines`` turns one shard's lines into its count script's arguments. In Python they cost
+1-2 us a line, about one line per request in a busy server.
+
 ``NATIVE`` says which one runs. ``METERED_PURE_PYTHON=1`` in the environment picks this module's twin even
 where the compiled one is built (the tests run both).
 """
@@ -14,6 +19,7 @@ where the compiled one is built (the tests run both).
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,13 +35,19 @@ __all__ = [
     "PyFastPath",
     "PyTally",
     "Tally",
+    "encode_lines",
+    "group_by_shard",
+    "py_encode_lines",
     "py_find_cached",
+    "py_group_by_shard",
 ]
 
 if TYPE_CHECKING:
     from metered_middleware import _speedups
 
 Entries = dict[int, tuple[float, int, BillingTarget | None]]
+Lines = list[tuple[BillingTarget, int]]
+Encoded = tuple[list[int], list[int], list[bytes], list[str]]
 
 
 def py_find_cached(
@@ -121,6 +133,64 @@ class PyTally:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+
+def py_group_by_shard(
+    buffer: dict[str, int], targets: dict[str, BillingTarget], shards: int
+) -> list[tuple[int, Lines]]:
+    """The window's lines per shard, in shard order, each shard's in the buffer's order.
+
+    ``buffer`` is units per target id and ``targets`` the target per id (``Tally.take``); the shard is
+    ``Layout.shard_of``'s CRC-32 of the id.
+    """
+    if shards <= 0:
+        raise ValueError("group_by_shard: shards must be positive")
+    by_shard: dict[int, Lines] = {}
+    for target_id, units in buffer.items():
+        by_shard.setdefault(zlib.crc32(target_id.encode()) % shards, []).append((targets[target_id], units))
+    return sorted(by_shard.items())
+
+
+def py_encode_lines(
+    lines: Lines,
+    retention: int,
+    sent: dict[str, tuple[BillingTarget, float]],
+    fresh_after: float,
+    decide: Callable[[BillingTarget], str | None],
+) -> Encoded:
+    """One count write's script arguments: (period starts, their expiries, line blobs, metadata args).
+
+    A line whose target has both period bounds goes to its period's blob (``blobs[i + 1]`` for
+    ``starts[i]``, periods in the order first seen, each expiring at its latest end plus ``retention``);
+    the others to ``blobs[0]``. Each line is ``target_id\tunits\n``. A target whose ``sent`` entry is
+    (the same object, a time after ``fresh_after``) needs no metadata; for any other, ``decide(target)``
+    returns its metadata (appended to the metadata args after its id) or None.
+    """
+    index_of: dict[int, int] = {}
+    starts: list[int] = []
+    expire_at: list[int] = []
+    groups: list[list[str]] = [[]]
+    meta_args: list[str] = []
+    for target, units in lines:
+        target_id = target.target_id
+        start, end = target.period_start, target.period_end
+        slot = 0
+        if start is not None and end is not None:
+            slot = index_of.get(start, 0)
+            if not slot:
+                starts.append(start)
+                expire_at.append(end + retention)
+                groups.append([])
+                slot = index_of[start] = len(starts)
+            elif end + retention > expire_at[slot - 1]:
+                expire_at[slot - 1] = end + retention
+        groups[slot].append(f"{target_id}\t{units}\n")
+        last = sent.get(target_id)
+        if last is None or last[0] is not target or last[1] <= fresh_after:
+            meta = decide(target)
+            if meta is not None:
+                meta_args += (target_id, meta)
+    return starts, expire_at, ["".join(group).encode() for group in groups], meta_args
 
 
 class PyCountingSend:
@@ -217,6 +287,11 @@ class PyFastPath:
 NATIVE: bool
 FastPath: type[PyFastPath] | type[_speedups.FastPath]
 Tally: type[PyTally] | type[_speedups.Tally]
+group_by_shard: Callable[[dict[str, int], dict[str, BillingTarget], int], list[tuple[int, Lines]]]
+encode_lines: Callable[
+    [Lines, int, dict[str, tuple[BillingTarget, float]], float, Callable[[BillingTarget], str | None]],
+    Encoded,
+]
 _PURE: Final = os.environ.get("METERED_PURE_PYTHON", "") not in ("", "0")
 
 try:
@@ -229,7 +304,12 @@ except ImportError:
     NATIVE = False
     FastPath = PyFastPath
     Tally = PyTally
+    group_by_shard = py_group_by_shard
+    encode_lines = py_encode_lines
 else:
     NATIVE = True
+    _speedups.bind_target(BillingTarget)
     FastPath = _speedups.FastPath
     Tally = _speedups.Tally
+    group_by_shard = _speedups.group_by_shard
+    encode_lines = _speedups.encode_lines

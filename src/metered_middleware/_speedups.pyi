@@ -14,6 +14,18 @@ def find_cached(
     /,
 ) -> BillingTarget | None: ...
 def monotonic() -> float: ...
+def bind_target(cls: type, /) -> None: ...
+def group_by_shard(
+    buffer: dict[str, int], targets: dict[str, BillingTarget], shards: int, /
+) -> list[tuple[int, list[tuple[BillingTarget, int]]]]: ...
+def encode_lines(
+    lines: list[tuple[BillingTarget, int]],
+    retention: int,
+    sent: dict[str, tuple[BillingTarget, float]],
+    fresh_after: float,
+    decide: Callable[[BillingTarget], str | None],
+    /,
+) -> tuple[list[int], list[int], list[bytes], list[str]]: ...
 
 class CountingSend:
     def __init__(

@@ -46,6 +46,27 @@ async def test_a_retried_write_is_applied_once(redis_client: aioredis.Redis) -> 
     assert 100 < ttl <= 100 + store.usage_retention  # kept past the period for reconciliation, not forever
 
 
+async def test_writes_go_through_after_redis_drops_the_pooled_connections(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """Redis closing the counter's idle connections (a restart, an idle timeout) costs no failed window:
+    the next write goes out on a fresh connection, once, and the counter stays healthy."""
+    layout = Layout("mm", 4)
+    own = aioredis.Redis.from_url(redis_url)
+    counter = Counter(CountStore(own, layout), layout, window=10)
+    counter.add(A, 1)
+    await counter.flush()
+    assert await redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    counter.add(A, 2)
+    counter.add(B, 3)
+    await counter.flush()
+    assert counter.healthy
+    assert counter.stats.write_errors == 0
+    assert await pending_totals(redis_client, layout) == {A.target_id: 3, B.target_id: 3}
+    await counter.aclose()
+    await own.aclose()
+
+
 async def test_writes_survive_redis_forgetting_the_count_script(redis_client: aioredis.Redis) -> None:
     """After SCRIPT FLUSH (as after a Redis restart) the next writes reload the script and land once each."""
     layout = Layout("mm", 4)

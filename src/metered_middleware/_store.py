@@ -7,11 +7,14 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metered_middleware._errors import StorageError
 from metered_middleware._fastpath import NATIVE, encode_lines
@@ -60,7 +63,7 @@ class CountWrite:
     @property
     def units(self) -> int:
         """Units this write carries."""
-        return sum(units for _, units in self.lines)
+        return sum(map(itemgetter(1), self.lines))  # no Python frame per line
 
 
 class CountStore:
@@ -80,6 +83,7 @@ class CountStore:
         # target id -> (the target whose metadata this store last sent, when): unchanged metadata is not
         # resent every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
         self._meta_sent: dict[str, tuple[BillingTarget, float]] = {}
+        self._shard_keys: dict[int, list[str]] = {}  # each shard's four fixed key names, built once
 
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
         if write.encoded is not None:
@@ -107,13 +111,15 @@ class CountStore:
         starts, expire_at, blobs, meta_args = encode_lines(
             write.lines, self.usage_retention, sent, fresh_after, decide
         )
-        keys = [
-            layout.pending(shard),
-            layout.targets(shard),
-            layout.writers(shard),
-            layout.pending_since(shard),
-            *(layout.usage(shard, start) for start in starts),
-        ]
+        fixed = self._shard_keys.get(shard)
+        if fixed is None:
+            fixed = self._shard_keys[shard] = [
+                layout.pending(shard),
+                layout.targets(shard),
+                layout.writers(shard),
+                layout.pending_since(shard),
+            ]
+        keys = [*fixed, *(layout.usage(shard, start) for start in starts)]
         write.encoded = (keys, [write.writer, write.seq, len(expire_at), *expire_at, *blobs, *meta_args])
         return write.encoded
 
@@ -147,14 +153,39 @@ class CountStore:
         return [r if isinstance(r, BaseException) else True for r in results]
 
     async def _pipeline(self, writes: Sequence[CountWrite]) -> list[Any]:
-        # EVALSHA directly, not through the registered script: in a pipeline that would first ask Redis
-        # SCRIPT EXISTS, a second round trip every window for an answer that is almost always yes.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for write in writes:
-                keys, args = self._keys_and_args(write)
-                pipe.evalsha(self._count.sha, len(keys), *keys, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        # The writes go out as one packed send on a pooled connection, their replies read in order: what
+        # redis-py's Pipeline does, without its bookkeeping (SCRIPT EXISTS for registered scripts, fieldset
+        # preparation, response callbacks) and with the one thing it lacks here: redis-py 8's pipeline does
+        # not retry a connection Redis has closed (a restart, an idle timeout), which cost a failed window,
+        # an error log and, in closed mode, refused requests until the next try.
+        commands = []
+        for write in writes:
+            keys, args = self._keys_and_args(write)
+            commands.append(("EVALSHA", self._count.sha, len(keys), *keys, *args))
+        pool = self.redis.connection_pool
+        for attempt in (1, 2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(connection.pack_commands(commands))
+                results: list[Any] = []
+                for _ in commands:
+                    try:
+                        results.append(await connection.read_response())
+                    except ResponseError as exc:  # a script error or NOSCRIPT: this write's own answer
+                        results.append(exc)
+                return results
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await connection.disconnect(nowait=True)
+                if attempt == 2:
+                    raise
+                # A pooled connection Redis dropped (it restarted, or an idle timeout): once more on a fresh
+                # one, as redis-py's own retry would. The writes are idempotent by (writer, seq).
+            except BaseException:
+                await connection.disconnect(nowait=True)  # a cancelled read leaves replies unread
+                raise
+            finally:
+                await pool.release(connection)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _apply_cluster(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
         # redis-py's cluster pipeline refuses EVALSHA; each write is single-slot, so sending them concurrently

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from metered_middleware import INACTIVE_STATUSES, BillingTarget, KeyRegistry, hash_key
+from metered_middleware._redis import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -61,6 +62,21 @@ async def test_pepper_changes_the_stored_hash(redis_client: aioredis.Redis) -> N
     issued = await peppered.create(TARGET)
     assert await peppered.resolve(issued.key) is not None
     assert await KeyRegistry(redis_client).resolve(issued.key) is None
+
+
+async def test_keys_resolve_after_redis_drops_the_pooled_connections(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """Redis closing idle connections (a restart, an idle timeout) must not turn the next key lookup into a
+    "metering unavailable" refusal: the read goes out again on a fresh connection."""
+    own = connect(redis_url)
+    registry = KeyRegistry(own)
+    issued = await registry.create(TARGET)
+    assert await redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    resolved = await registry.resolve(issued.key)
+    assert resolved is not None
+    assert resolved.customer == "cus_1"
+    await own.aclose()
 
 
 async def test_unknown_key_resolves_to_none(redis_client: aioredis.Redis) -> None:

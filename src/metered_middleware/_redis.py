@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 __all__ = ["REDIS_FAILURES", "connect", "read_with_retry"]
@@ -53,16 +54,17 @@ _T = TypeVar("_T")
 
 
 async def read_with_retry(read: Callable[[], Awaitable[_T]], attempts: int = 3) -> _T:
-    """Run an idempotent read, again when the cluster client trips over a connection torn down under it.
+    """Run an idempotent read, again when the connection it went out on turns out to be gone.
 
-    redis-py's asyncio cluster client can hand out a pooled connection while a topology refresh is still
-    disconnecting it (seen in CI as AttributeError on ``_writer``). A read is safe to repeat; anything else
-    (Redis really down) fails at once.
+    Two cases, both safe to repeat for a read: a pooled connection Redis has closed (a restart, an idle
+    ``timeout``), which redis-py 8 reports as ConnectionError instead of reconnecting; and the asyncio cluster
+    client handing out a connection a topology refresh is still disconnecting (seen in CI as AttributeError
+    on ``_writer``). A Redis that is really down fails every attempt at once (refused) or times out.
     """
     for attempt in range(attempts):
         try:
             return await read()
-        except AttributeError:
+        except (AttributeError, RedisConnectionError):
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

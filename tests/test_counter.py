@@ -225,3 +225,16 @@ def test_control_characters_are_refused_in_target_fields() -> None:
     for bad in ("cus_a\n", "cus\ta", "cus_\x00"):
         with pytest.raises(ValueError, match="control characters"):
             BillingTarget(customer=bad)
+
+
+def test_count_writes_are_packed_as_redis_py_packs_them() -> None:
+    """The store's own packer writes the very bytes redis-py's connection would for the same commands."""
+    from redis.asyncio.connection import Connection
+
+    from metered_middleware._store import pack_commands
+
+    commands = [
+        ("EVALSHA", "a" * 40, 2, "mm:{mm-0}:pending", "mm:{mm-0}:usage:1700000000", "w1", 7, 1, 1_703_000),
+        ("EVALSHA", "b" * 40, 1, "ключ", b"cus_a||\t3\n" * 5000, b"", -3, "{}"),  # unicode, a big blob
+    ]
+    assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))

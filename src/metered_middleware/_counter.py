@@ -167,10 +167,11 @@ class Counter:
             self._mark_unhealthy()
             raise
         failed = [w for w, r in zip(self._outbox, results, strict=True) if r is not True]
+        stats = self._stats
         for write, result in zip(self._outbox, results, strict=True):
             if result is True:
-                self.stats.written_units += write.units
-                self.stats.writes += 1
+                stats.written_units += write.units
+                stats.writes += 1
         if failed:
             self._outbox = failed
             self._mark_unhealthy()

@@ -49,6 +49,20 @@ def _meta_key(target: BillingTarget) -> tuple[str | None, int | None, int | None
     return (target.subscription, target.period_start, target.period_end, target.test_clock)
 
 
+def pack_commands(commands: Sequence[Sequence[str | int | bytes]]) -> bytes:
+    """Commands in Redis's wire protocol (RESP arrays of bulk strings), the bytes redis-py would send.
+
+    redis-py's packer costs a few microseconds of Python per argument; a count write has a dozen.
+    """
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 @dataclass(slots=True)
 class CountWrite:
     """One shard's share of a coalesced flush: applied at most once thanks to (writer, seq)."""
@@ -166,7 +180,7 @@ class CountStore:
         for attempt in (1, 2):
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await connection.send_packed_command(connection.pack_commands(commands))
+                await connection.send_packed_command(pack_commands(commands))
                 results: list[Any] = []
                 for _ in commands:
                     try:

@@ -97,6 +97,29 @@ async def test_many_adds_one_write(redis_client: aioredis.Redis) -> None:
     await counter.aclose()
 
 
+def big_window(redis_client: aioredis.Redis) -> tuple[Counter, list[BillingTarget]]:
+    """A counter (4 shards, a window that never ends by itself) holding 2 units for each of 1,000 targets."""
+    layout = Layout("mm", 4)
+    counter = Counter(CountStore(redis_client, layout), layout, window=10)
+    targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
+    for target in targets:
+        counter.add(target, 2)
+    return counter, targets
+
+
+async def assert_counted_once_after_more(
+    redis_client: aioredis.Redis, counter: Counter, targets: list[BillingTarget]
+) -> None:
+    """Count 5 more for the first target and flush: Redis must hold the big window once, plus those 5."""
+    counter.add(targets[0], 5)
+    await counter.flush()
+    expected = {t.target_id: 2 for t in targets}
+    expected[targets[0].target_id] = 7
+    assert await pending_totals(redis_client, counter.layout) == expected
+    assert counter.stats.buffered_units == 0
+    await counter.aclose()
+
+
 async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,11 +127,7 @@ async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(
     the writer) keeps the window, and the next flush writes every unit once, with what was counted
     meanwhile. (The compiled grouping does not yield: the next test cancels its write in flight.)"""
     monkeypatch.setattr(_counter, "NATIVE", False)
-    layout = Layout("mm", 4)
-    counter = Counter(CountStore(redis_client, layout), layout, window=10)
-    targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
-    for target in targets:
-        counter.add(target, 2)
+    counter, targets = big_window(redis_client)
     task = asyncio.get_running_loop().create_task(counter.flush())
     for _ in range(3):
         await asyncio.sleep(0)
@@ -116,13 +135,7 @@ async def test_a_flush_cancelled_while_taking_a_window_loses_nothing(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    counter.add(targets[0], 5)
-    await counter.flush()
-    expected = {t.target_id: 2 for t in targets}
-    expected[targets[0].target_id] = 7
-    assert await pending_totals(redis_client, layout) == expected
-    assert counter.stats.buffered_units == 0
-    await counter.aclose()
+    await assert_counted_once_after_more(redis_client, counter, targets)
 
 
 async def test_a_flush_cancelled_while_its_write_is_in_flight_counts_once(
@@ -130,11 +143,7 @@ async def test_a_flush_cancelled_while_its_write_is_in_flight_counts_once(
 ) -> None:
     """Cancelled while Redis has (or has not yet) applied the window's writes: unacknowledged writes stay in
     the outbox and are resent with the same (writer, seq), so every unit lands exactly once."""
-    layout = Layout("mm", 4)
-    counter = Counter(CountStore(redis_client, layout), layout, window=10)
-    targets = [BillingTarget(customer=f"cus_{n}", meter_event_name="calls") for n in range(1000)]
-    for target in targets:
-        counter.add(target, 2)
+    counter, targets = big_window(redis_client)
     task = asyncio.get_running_loop().create_task(counter.flush())
     for _ in range(100):  # a few loop turns: the window is taken and grouped, the pipeline is sent
         if counter._outbox is not None:
@@ -145,13 +154,7 @@ async def test_a_flush_cancelled_while_its_write_is_in_flight_counts_once(
     # redis-py may finish the pipeline it is reading and swallow the cancellation: either way, once.
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    counter.add(targets[0], 5)
-    await counter.flush()
-    expected = {t.target_id: 2 for t in targets}
-    expected[targets[0].target_id] = 7
-    assert await pending_totals(redis_client, layout) == expected
-    assert counter.stats.buffered_units == 0
-    await counter.aclose()
+    await assert_counted_once_after_more(redis_client, counter, targets)
 
 
 async def test_targets_metadata_is_kept_for_the_flusher(redis_client: aioredis.Redis) -> None:

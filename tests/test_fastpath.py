@@ -290,16 +290,10 @@ def test_tally_sums_units_per_target_keeps_the_latest_target_and_bounds_targets(
     assert tally.take() == ({}, {})
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("make", "make_tally"),
-    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
-)
-async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None:
-    """Given a tally's add, the fast path's sends count into that tally."""
-    tally = make_tally(10, lambda: None, lambda: None)
-    path = make(
-        entries=cached(KEY),
+def tally_path(make: Any, entries: Any, tally: Any) -> Any:
+    """A fast path over these cache entries that counts 200s into the tally."""
+    return make(
+        entries=entries,
         names=NAMES,
         bearer=True,
         max_length=256,
@@ -310,6 +304,17 @@ async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None
         weigh=None,
         excluded=None,
     )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("make", "make_tally"),
+    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
+)
+async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None:
+    """Given a tally's add, the fast path's sends count into that tally."""
+    tally = make_tally(10, lambda: None, lambda: None)
+    path = tally_path(make, cached(KEY), tally)
     for _ in range(3):
         send = path(scope_with(KEY), ignore)
         await send({"type": "http.response.start", "status": 200})
@@ -354,18 +359,7 @@ async def test_targets_of_a_subclass_are_admitted_and_counted_alike(make: Any, m
     entries[first] = (cache_clock() + 60, second, RenamedTarget(customer="cus_r", revoked=True))
     sub = RenamedTarget(customer="cus_s", meter_event_name="calls")
     entries[fingerprint(KEY)[0]] = (cache_clock() + 60, fingerprint(KEY)[1], sub)
-    path = make(
-        entries=entries,
-        names=NAMES,
-        bearer=True,
-        max_length=256,
-        add=tally.add,
-        statuses=frozenset({200}),
-        counter=Health(),
-        closed=False,
-        weigh=None,
-        excluded=None,
-    )
+    path = tally_path(make, entries, tally)
     assert path(scope_with(OTHER), ignore) is None  # revoked, read through the subclass
     send = path(scope_with(KEY), ignore)
     await send({"type": "http.response.start", "status": 200})

@@ -187,8 +187,9 @@ class Counter:
     async def _take_buffer(self) -> list[CountWrite]:
         """Swap the window out of the buffer and group it into one write per shard.
 
-        The grouping yields to the event loop every few lines; the swapped-out window stays in ``_taking``
-        until its writes exist, so a cancellation in between (``aclose`` stopping the task) loses nothing.
+        In pure Python the grouping yields to the event loop every few lines; the swapped-out window stays
+        in ``_taking`` until its writes exist, so a cancellation in between (``aclose`` stopping the task)
+        loses nothing.
         """
         if self._taking is None:
             self._taking = self.tally.take()

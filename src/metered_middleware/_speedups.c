@@ -2,8 +2,8 @@
 
    Measured in a busy server, each Python-level operation this path took (a bytes method, a slice, a
    concatenation, a closure) cost several times its in-process price, because the code and data it touched
-   were cold between requests. This module does the same work in two compact functions: nothing here is
-   new logic, and `_fastpath.py` holds the pure-Python twin that runs wherever this module is not built.
+   were cold between requests. This module does the same work in compact functions: nothing here is new
+   logic, and `_fastpath.py` holds the pure-Python twins that run wherever this module is not built.
    The answers must be the twin's; `tests/test_fastpath.py` runs the same cases on both, and the middleware
    and counter tests run on both.
 
@@ -15,6 +15,9 @@
      its status is known: add(target, units) when an `http.response.start` carries a status in `statuses`.
    - Tally(max_targets, wake, overflow): the counter's buffer for the window being filled.
    - monotonic(): the clock the cache's expiries are written and read with (CLOCK_MONOTONIC).
+  - group_by_shard(...) and encode_lines(...): the count window, split per shard and turned into each
+    count write's script arguments (Counter._take_buffer, CountStore._keys_and_args).
+  - bind_target(BillingTarget): the class whose slots the functions above read at fixed offsets.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -8,6 +8,7 @@ and watch its replica take over.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -89,6 +90,12 @@ class LocalCluster:
                 # A replica whose master left a while ago may still take over: tests stop masters on purpose.
                 "--cluster-replica-validity-factor",
                 "0",
+                # Each node logs its failure detection and elections to its own directory, so a cluster
+                # that does not settle can say why (see ``wait_ok``).
+                "--logfile",
+                "redis.log",
+                "--loglevel",
+                "notice",
             ],
         )
         return server.start()
@@ -217,8 +224,47 @@ class LocalCluster:
             if self._all_ok() and self._linked_replicas() >= replicas:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError("the cluster did not reach cluster_state:ok")
+                raise TimeoutError(f"the cluster did not reach cluster_state:ok\n{self.log_tails()}")
             time.sleep(0.05)
+
+    def wait_promoted(self, port: int, timeout: float = 40.0, *, force_after: float = 15.0) -> bool:
+        """Wait until the replica on ``port`` is a master and the cluster is ok again; True if the
+        cluster's own failover promoted it.
+
+        The automatic failover takes a few seconds here (node timeout, then an election). On a loaded machine
+        an election can fail and wait its retry time; after ``force_after`` seconds without a promotion the
+        replica is told ``CLUSTER FAILOVER TAKEOVER``, what an operator does when the masters cannot agree.
+        Either way the slot had no master for a while, which is what a failover test needs.
+        """
+        deadline = time.monotonic() + timeout
+        force_at = time.monotonic() + force_after
+        forced = False
+        while True:
+            with self._client(port) as client:
+                if client.info("replication")["role"] == "master":
+                    break
+                if not forced and time.monotonic() > force_at:
+                    client.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+                    forced = True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica on port {port} was not promoted\n{self.log_tails()}")
+            time.sleep(0.05)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+        return not forced
+
+    def log_tails(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of every node's log, each headed by its port: what to read when a
+        failover or a start does not settle."""
+        out = []
+        for port, server in self.servers.items():
+            try:
+                with open(os.path.join(server.directory, "redis.log"), errors="replace") as log:
+                    tail = log.readlines()[-lines:]
+            except OSError as exc:
+                tail = [f"(no log: {exc})\n"]
+            state = "running" if server.running else "stopped"
+            out.append(f"--- node {port} ({state})\n{''.join(tail)}")
+        return "\n".join(out)
 
     def _all_ok(self) -> bool:
         for port, server in self.servers.items():

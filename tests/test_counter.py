@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
+from pathlib import Path
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from metered_middleware import BillingTarget, Counter, CountStore, _counter, _fastpath
+from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
+from metered_middleware._redis import connect
+from metered_middleware._redis_server import RedisServer
 from metered_middleware._store import CountWrite
 from tests.helpers import pending_totals, use_pure_python
 
@@ -203,6 +210,37 @@ async def test_counts_survive_redis_refusing_until_it_returns(redis_url: str) ->
     await counter.aclose()
     await dead.aclose()
     await live.aclose()
+
+
+async def test_a_write_stalled_by_a_hung_redis_times_out_and_lands_once_after(tmp_path: Path) -> None:
+    """Redis stops answering mid-write (SIGSTOP: a hung host, a long fork): the write fails after the
+    client's timeout instead of hanging the counter, the units stay buffered, and when Redis resumes, runs
+    the stalled write and then the retry of the same (writer, seq), they count once."""
+    layout = Layout("mm", 1)
+    with RedisServer(directory=str(tmp_path)) as server:
+        client = connect(server.url)
+        counter = Counter(CountStore(client, layout), layout, window=10)
+        try:
+            pid = int((await client.info("server"))["process_id"])
+            counter.add(A, 5)
+            await counter.flush()
+            counter.add(A, 2)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with anyio.fail_after(30), pytest.raises(StorageError):
+                    await counter.flush()
+                assert not counter.healthy
+                assert counter.stats.buffered_units == 2
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await counter.flush()
+            assert counter.healthy
+            assert counter.stats.buffered_units == 0
+            assert await pending_totals(client, layout) == {A.target_id: 7}
+            assert await CountStore(client, layout).period_usage(A) == 7
+        finally:
+            await counter.aclose()
+            await client.aclose()
 
 
 async def test_one_write_carries_lines_of_several_periods_and_none(redis_client: aioredis.Redis) -> None:

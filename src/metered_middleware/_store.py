@@ -179,14 +179,20 @@ class CountStore:
         pool = self.redis.connection_pool
         for attempt in (1, 2):
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            timeout = connection.socket_timeout
             try:
-                await connection.send_packed_command(pack_commands(commands))
-                results: list[Any] = []
-                for _ in commands:
-                    try:
-                        results.append(await connection.read_response())
-                    except ResponseError as exc:  # a script error or NOSCRIPT: this write's own answer
-                        results.append(exc)
+                # One deadline for the whole exchange instead of the connection's own per call: with a
+                # socket timeout set, redis-py sends through asyncio.wait_for, a task and a loop pass for
+                # each send (a fifth of a window's CPU). A hung Redis still fails the write in `timeout`.
+                connection.socket_timeout = None
+                async with asyncio.timeout(timeout):
+                    await connection.send_packed_command(pack_commands(commands))
+                    results: list[Any] = []
+                    for _ in commands:
+                        try:
+                            results.append(await connection.read_response())
+                        except ResponseError as exc:  # a script error or NOSCRIPT: this write's own answer
+                            results.append(exc)
                 return results
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await connection.disconnect(nowait=True)
@@ -198,6 +204,7 @@ class CountStore:
                 await connection.disconnect(nowait=True)  # a cancelled read leaves replies unread
                 raise
             finally:
+                connection.socket_timeout = timeout
                 await pool.release(connection)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 

@@ -82,6 +82,7 @@ async def test_concurrent_misses_share_one_lookup() -> None:
     results = await asyncio.gather(*(cache.resolve("k") for _ in range(20)))
     assert results == [T] * 20
     assert inner.calls == 1
+    assert cache.lookups == 1  # what metered_key_lookups reports
 
 
 async def test_stale_entry_served_when_inner_fails() -> None:
@@ -94,6 +95,7 @@ async def test_stale_entry_served_when_inner_fails() -> None:
     assert await cache.resolve("k") == T
     with pytest.raises(StorageError):
         await cache.resolve("never-seen")
+    assert (cache.lookups, cache.stale_served) == (3, 1)  # an operator sees the outage being bridged
 
 
 async def test_cache_is_bounded() -> None:

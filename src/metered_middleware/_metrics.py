@@ -174,6 +174,16 @@ class MeteringMetrics(Collector):
         for code, n in sorted(mw.rejected.items()):
             rejected.add_metric([code], n)
         yield rejected
+        yield CounterMetricFamily(
+            "metered_key_lookups",
+            "Keys looked up in the registry (cache misses and expiries; a hit costs none).",
+            mw.resolver.lookups,
+        )
+        yield CounterMetricFamily(
+            "metered_key_lookups_stale",
+            "Failed lookups answered with the key's expired cache entry.",
+            mw.resolver.stale_served,
+        )
         yield CounterMetricFamily("metered_units_counted", "Units counted in process.", stats.counted_units)
         yield CounterMetricFamily("metered_units_written", "Units Redis acknowledged.", stats.written_units)
         yield CounterMetricFamily(

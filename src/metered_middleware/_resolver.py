@@ -164,6 +164,10 @@ class CachingResolver:
         self.max_entries = max_entries
         self._entries: dict[int, tuple[float, int, BillingTarget | None]] = {}
         self._inflight: dict[Fingerprint, asyncio.Future[BillingTarget | None]] = {}
+        #: Calls to the inner resolver (cache misses and expiries; concurrent misses for a key count once).
+        self.lookups = 0
+        #: Lookups that failed and were answered with an expired entry instead.
+        self.stale_served = 0
 
     def cached(self, key: str) -> tuple[Fingerprint, BillingTarget | None, bool]:
         """(fingerprint, target, fresh): the fast path the middleware tries before awaiting anything."""
@@ -190,6 +194,7 @@ class CachingResolver:
         try:
             try:
                 try:
+                    self.lookups += 1
                     target = await self.inner.resolve(key)
                 except (StorageError, asyncio.CancelledError):
                     raise
@@ -200,6 +205,7 @@ class CachingResolver:
             except StorageError:
                 stale = self._entries.get(fp[0])
                 if stale is not None and stale[1] == fp[1] and stale[2] is not None:
+                    self.stale_served += 1
                     future.set_result(stale[2])
                     return stale[2]
                 raise

@@ -71,6 +71,9 @@ async def test_scrape_during_run_matches_requests_counts_and_deliveries(
         assert total(during, "metered_rejections_total", code="api_key_invalid") == 3
         assert total(during, "metered_rejections_total", code="api_key_missing") == 1
         assert total(during, "metered_units_counted_total") == 3 * 5 + 9
+        # Each key, the unknown one too, was looked up once; the cache answered the other requests.
+        assert total(during, "metered_key_lookups_total") == 4
+        assert total(during, "metered_key_lookups_stale_total") == 0
         await metered.flush()
         flushed = await scrape(ops)
         assert total(flushed, "metered_units_written_total") == 24

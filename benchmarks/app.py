@@ -159,9 +159,15 @@ def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddlewa
             finally:
                 flusher.stop()
 
-    return MeteringMiddleware(
-        Starlette(routes=ROUTES, lifespan=lifespan),
+    async def lookups(request: Request) -> JSONResponse:
+        # Unmetered (under /health): run.py reads it around each measured run for the key lookups the
+        # resolver made, which Redis's command counts cannot tell from the flusher's own HGETALLs.
+        return JSONResponse({"lookups": middleware.resolver.lookups})
+
+    middleware = MeteringMiddleware(
+        Starlette(routes=[*ROUTES, Route("/health/lookups", lookups)], lifespan=lifespan),
         environ={},
         redis_url=env["MM_BENCH_REDIS_URL"],
         coalesce_window=float(env.get("MM_BENCH_COALESCE_WINDOW", "0.05")),
     )
+    return middleware

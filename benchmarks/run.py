@@ -98,6 +98,9 @@ class Sample:
     # The server's CPU time (user + system) over the measured run: per request, and as a share of the wall
     # time. Less sensitive than requests/s to what else the machine runs: noise moves it far less.
     cpu_seconds: float = 0.0
+    # Keys the metered app's resolver looked up in Redis during the run (its own count: Redis's HGETALL
+    # count also holds the flusher's claims).
+    key_lookups: int = 0
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -370,6 +373,11 @@ def command_counts(client: redis.Redis) -> dict[str, int]:
     return counts
 
 
+def key_lookups(url: str) -> int:
+    """Keys the metered app's resolver has looked up in Redis so far (``/health/lookups``)."""
+    return int(httpx.get(f"{url}/health/lookups", timeout=10).json()["lookups"])
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """Per-command calls between two snapshots (the INFO call itself excluded)."""
     out = {name: calls - before.get(name, 0) for name, calls in after.items()}
@@ -528,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.profile and n == 1:
                         out = args.profile if variant == "metered" else args.profile.with_suffix(".bare")
                         spy = start_profile(proc.pid, out, args.duration)
+                    lookups_before = key_lookups(url) if variant == "metered" else 0
                     before = command_counts(stats)
                     cpu_before = process_cpu(proc.pid)
                     worker_before = process_cpu(worker.pid) if worker is not None else 0.0
@@ -535,9 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cpu = process_cpu(proc.pid) - cpu_before
                     worker_cpu = process_cpu(worker.pid) - worker_before if worker is not None else 0.0
                     commands = delta(before, command_counts(stats))
+                    lookups = key_lookups(url) - lookups_before if variant == "metered" else 0
                     if spy is not None:
                         spy.wait()
-                sample = Sample(variant, n, load, commands, cpu)
+                sample = Sample(variant, n, load, commands, cpu, lookups)
                 samples.append(sample)
                 print(
                     f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
@@ -580,6 +590,7 @@ def _sample_dict(sample: Sample) -> dict[str, Any]:
         "non2xx": load.non2xx,
         "socket_errors": load.socket_errors,
         "commands": sample.commands,
+        "key_lookups": sample.key_lookups,
         "cpu_us_per_request": sample.cpu_us_per_request,
         "busy": sample.busy,
     }
@@ -627,7 +638,7 @@ def summarize(
         "commands": sum(totals.values()) / requests,
         # A script call carries a whole shard's window of counts; the pipeline sends the shards together.
         "count_scripts": (totals.get("evalsha", 0) + totals.get("eval", 0)) / requests,
-        "key_lookups": totals.get("hgetall", 0) / requests,
+        "key_lookups": sum(s.key_lookups for s in metered_samples) / requests,
         "by_command": {name: calls / requests for name, calls in sorted(totals.items())},
     }
     out["memory_bytes_per_key_period"] = memory

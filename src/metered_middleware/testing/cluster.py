@@ -218,10 +218,17 @@ class LocalCluster:
             return int(client.info("server")["process_id"])
 
     def wait_ok(self, timeout: float = 30.0, *, replicas: int = 0) -> None:
-        """Wait until every running node reports ``cluster_state:ok`` and ``replicas`` replicas are linked."""
+        """Wait until every running node reports ``cluster_state:ok`` and knows every other running node,
+        and ``replicas`` replicas are linked.
+
+        Knowing each other matters for failover: a node that joined (a replica) is known at first only to
+        the node it met, and gossip tells the others within a few seconds. A master that dies before then
+        takes that knowledge with it: the others ignore the replica's vote requests, and it is never
+        promoted (seen in CI).
+        """
         deadline = time.monotonic() + timeout
         while True:
-            if self._all_ok() and self._linked_replicas() >= replicas:
+            if self._all_ok() and self._all_known() and self._linked_replicas() >= replicas:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the cluster did not reach cluster_state:ok\n{self.log_tails()}")
@@ -265,6 +272,26 @@ class LocalCluster:
             state = "running" if server.running else "stopped"
             out.append(f"--- node {port} ({state})\n{''.join(tail)}")
         return "\n".join(out)
+
+    def _all_known(self) -> bool:
+        running = [port for port, server in self.servers.items() if server.running]
+        ids = set()
+        for port in running:
+            with self._client(port) as client:
+                raw = client.execute_command("CLUSTER", "MYID")
+            ids.add(raw.decode() if isinstance(raw, bytes) else str(raw))
+        for port in running:
+            with self._client(port) as client:
+                raw = client.execute_command("CLUSTER", "NODES")
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            known = {
+                parts[0]
+                for parts in (line.split() for line in text.strip().splitlines())
+                if not {"handshake", "noaddr"} & set(parts[2].split(","))
+            }
+            if not ids <= known:
+                return False
+        return True
 
     def _all_ok(self) -> bool:
         for port, server in self.servers.items():

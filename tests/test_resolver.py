@@ -54,11 +54,12 @@ async def test_hits_stay_in_process_until_ttl() -> None:
 async def test_negative_answers_are_cached_for_the_negative_ttl() -> None:
     """Unknown keys are remembered briefly, blunting key-guessing floods, then asked again."""
     inner = Counting(None)
-    cache = CachingResolver(inner, ttl=60, negative_ttl=0.05)
+    # Long enough that a stalled CI machine cannot expire it between the first two calls.
+    cache = CachingResolver(inner, ttl=60, negative_ttl=0.5)
     assert await cache.resolve("guess") is None
     assert await cache.resolve("guess") is None
     assert inner.calls == 1
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.55)
     assert await cache.resolve("guess") is None
     assert inner.calls == 2
 

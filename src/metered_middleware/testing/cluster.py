@@ -45,6 +45,10 @@ def _cluster_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterNode:
     """One node as ``CLUSTER NODES`` describes it."""
@@ -55,6 +59,8 @@ class ClusterNode:
     master_id: str | None
     connected: bool
     failed: bool
+    myself: bool = False  # the node that answered
+    handshake: bool = False  # met, not yet known (no id agreed, or no address)
 
 
 class LocalCluster:
@@ -121,7 +127,7 @@ class LocalCluster:
                     f"127.0.0.1:{master_port}",
                     "--cluster-slave",
                     "--cluster-master-id",
-                    master_id.decode() if isinstance(master_id, bytes) else str(master_id),
+                    _text(master_id),
                 )
             if self.replicas:
                 self.wait_ok(timeout, replicas=self.replicas)
@@ -165,27 +171,30 @@ class LocalCluster:
     def nodes(self) -> list[ClusterNode]:
         """The cluster as a running node sees it."""
         for port, server in self.servers.items():
-            if not server.running:
-                continue
-            with self._client(port) as client:
-                raw = client.execute_command("CLUSTER", "NODES")
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            out = []
-            for line in text.strip().splitlines():
-                parts = line.split()
-                flags = parts[2].split(",")
-                out.append(
-                    ClusterNode(
-                        node_id=parts[0],
-                        port=int(parts[1].split("@")[0].rsplit(":", 1)[1]),
-                        role="master" if "master" in flags else "replica",
-                        master_id=None if parts[3] == "-" else parts[3],
-                        connected=parts[7] == "connected",
-                        failed="fail" in flags,
-                    )
-                )
-            return out
+            if server.running:
+                return self._seen_by(port)
         raise RuntimeError("no cluster node is running")
+
+    def _seen_by(self, port: int) -> list[ClusterNode]:
+        with self._client(port) as client:
+            text = _text(client.execute_command("CLUSTER", "NODES"))
+        out = []
+        for line in text.strip().splitlines():
+            parts = line.split()
+            flags = parts[2].split(",")
+            out.append(
+                ClusterNode(
+                    node_id=parts[0],
+                    port=int(parts[1].split("@")[0].rsplit(":", 1)[1]),
+                    role="master" if "master" in flags else "replica",
+                    master_id=None if parts[3] == "-" else parts[3],
+                    connected=parts[7] == "connected",
+                    failed="fail" in flags,
+                    myself="myself" in flags,
+                    handshake=bool({"handshake", "noaddr"} & set(flags)),
+                )
+            )
+        return out
 
     def master_of(self, key: str) -> int:
         """The port of the master serving the slot of ``key`` (a hash tag is honoured)."""
@@ -238,10 +247,10 @@ class LocalCluster:
         """Wait until the replica on ``port`` is a master and the cluster is ok again; True if the
         cluster's own failover promoted it.
 
-        The automatic failover takes a few seconds here (node timeout, then an election). On a loaded machine
-        an election can fail and wait its retry time; after ``force_after`` seconds without a promotion the
-        replica is told ``CLUSTER FAILOVER TAKEOVER``, what an operator does when the masters cannot agree.
-        Either way the slot had no master for a while, which is what a failover test needs.
+        The automatic failover takes a few seconds here (node timeout, then an election). An election that
+        fails waits four node timeouts before the next; after ``force_after`` seconds without a promotion
+        the replica is told ``CLUSTER FAILOVER TAKEOVER``, what an operator does when the masters cannot
+        agree. Either way the slot had no master for a while, which is what a failover test needs.
         """
         deadline = time.monotonic() + timeout
         force_at = time.monotonic() + force_after
@@ -274,24 +283,9 @@ class LocalCluster:
         return "\n".join(out)
 
     def _all_known(self) -> bool:
-        running = [port for port, server in self.servers.items() if server.running]
-        ids = set()
-        for port in running:
-            with self._client(port) as client:
-                raw = client.execute_command("CLUSTER", "MYID")
-            ids.add(raw.decode() if isinstance(raw, bytes) else str(raw))
-        for port in running:
-            with self._client(port) as client:
-                raw = client.execute_command("CLUSTER", "NODES")
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            known = {
-                parts[0]
-                for parts in (line.split() for line in text.strip().splitlines())
-                if not {"handshake", "noaddr"} & set(parts[2].split(","))
-            }
-            if not ids <= known:
-                return False
-        return True
+        views = [self._seen_by(port) for port, server in self.servers.items() if server.running]
+        running = {node.node_id for view in views for node in view if node.myself}
+        return all(running <= {node.node_id for node in view if not node.handshake} for view in views)
 
     def _all_ok(self) -> bool:
         for port, server in self.servers.items():
@@ -299,7 +293,7 @@ class LocalCluster:
                 continue
             with self._client(port) as client:
                 info = client.execute_command("CLUSTER", "INFO")
-            text = info.decode() if isinstance(info, bytes) else str(info)
+            text = _text(info)
             if "cluster_state:ok" not in text:
                 return False
         return True

@@ -257,8 +257,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             anyio.run(setup_only, environ, sys.stdout)
             return 0
         signal.signal(signal.SIGTERM, _exit_on(signal.SIGTERM))
-        with contextlib.suppress(KeyboardInterrupt):
+        try:
             anyio.run(serve, environ, args.host, args.port, sys.stdout)
+        except* (KeyboardInterrupt, SystemExit):
+            # Ctrl-C or SIGTERM, the servers already stopped. The task group hands SIGTERM's SystemExit on
+            # inside an exception group, which would otherwise print as a traceback and exit 1.
+            pass
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,9 +36,11 @@ def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
     return out
 
 
-def test_one_command_starts_on_embedded_defaults_and_prints_working_keys() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_one_command_starts_on_embedded_defaults_and_prints_working_keys(stop: signal.Signals) -> None:
     """With no REDIS_URL or STRIPE_API_KEY it starts Redis and the emulator, signs up three customers,
-    prints keys that work, and stops everything on Ctrl-C."""
+    prints keys that work, and stops everything on Ctrl-C or SIGTERM (what a container runtime sends),
+    exiting 0 without a traceback."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "STRIPE_API_KEY")}
     env.update(PORT=str(port), PYTHONUNBUFFERED="1")
@@ -66,8 +68,12 @@ def test_one_command_starts_on_embedded_defaults_and_prints_working_keys() -> No
             response = http.get("/v1/fonts", headers={"Authorization": f"Bearer {keys[1][2]}"})
         assert response.status_code == 200
 
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=30) == 0
+        rest = []
+        while (line := lines.get(timeout=10)) is not None:
+            rest.append(line)
+        assert "Traceback" not in "".join(rest), "".join(rest)
     finally:
         if proc.poll() is None:
             proc.kill()

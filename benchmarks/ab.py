@@ -106,8 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 both(args.warmup)
                 before = run.process_cpu(a.pid), run.process_cpu(b.pid)
+                ticks = run.machine_ticks()
                 load_a, load_b = both(args.duration)
                 used = run.process_cpu(a.pid) - before[0], run.process_cpu(b.pid) - before[1]
+                steal = run.steal_share(ticks, run.machine_ticks())
             us_a = used[0] / max(1, load_a["requests"]) * 1e6
             us_b = used[1] / max(1, load_b["requests"]) * 1e6
             cpu["a"].append(us_a)
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"round {n}: a {load_a['requests']} requests {us_a:6.1f} us/req p99 "
                 f"{load_a['p99_us'] / 1000:.2f} ms | b {load_b['requests']} requests {us_b:6.1f} us/req p99 "
-                f"{load_b['p99_us'] / 1000:.2f} ms | cost ratio a/b {cost_ratios[-1]:.3f}"
+                f"{load_b['p99_us'] / 1000:.2f} ms | cost ratio a/b {cost_ratios[-1]:.3f} | steal {steal:.1%}"
                 + (f"  ({bad} non-2xx or socket errors)" if bad else ""),
                 flush=True,
             )

@@ -101,6 +101,8 @@ class Sample:
     # Keys the metered app's resolver looked up in Redis during the run (its own count: Redis's HGETALL
     # count also holds the flusher's claims).
     key_lookups: int = 0
+    # The share of the machine's CPU time the hypervisor took during the run (see ``machine_ticks``).
+    steal: float = 0.0
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -561,20 +563,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     before = command_counts(stats)
                     cpu_before = process_cpu(proc.pid)
                     worker_before = process_cpu(worker.pid) if worker is not None else 0.0
+                    ticks_before = machine_ticks()
                     load = drive(url, args.duration)
+                    steal = steal_share(ticks_before, machine_ticks())
                     cpu = process_cpu(proc.pid) - cpu_before
                     worker_cpu = process_cpu(worker.pid) - worker_before if worker is not None else 0.0
                     commands = delta(before, command_counts(stats))
                     lookups = key_lookups(url) - lookups_before if variant == "metered" else 0
                     if spy is not None:
                         spy.wait()
-                sample = Sample(variant, n, load, commands, cpu, lookups)
+                sample = Sample(variant, n, load, commands, cpu, lookups, steal)
                 samples.append(sample)
                 print(
                     f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
                     f"p99 {load.p99_ms:6.2f} ms  CPU {sample.cpu_us_per_request:5.1f} us/req "
                     f"busy {sample.busy:4.0%}  "
-                    f"non-2xx {load.non2xx}  socket errors {load.socket_errors}"
+                    f"non-2xx {load.non2xx}  socket errors {load.socket_errors}  steal {steal:5.1%}"
                     + (f"  flusher worker busy {worker_cpu / load.seconds:4.0%}" if worker_cpu else ""),
                     flush=True,
                 )
@@ -614,6 +618,7 @@ def _sample_dict(sample: Sample) -> dict[str, Any]:
         "key_lookups": sample.key_lookups,
         "cpu_us_per_request": sample.cpu_us_per_request,
         "busy": sample.busy,
+        "steal": sample.steal,
     }
 
 
@@ -663,6 +668,8 @@ def summarize(
         "by_command": {name: calls / requests for name, calls in sorted(totals.items())},
     }
     out["memory_bytes_per_key_period"] = memory
+    steals = [s.steal for s in samples]
+    out["steal"] = {"median": median(steals), "max": max(steals, default=0.0)}
     return out
 
 
@@ -685,6 +692,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"server CPU per request: bare {bare['cpu_us_per_request']:.1f} us (busy {bare['busy']:.0%}), "
         f"metered {metered['cpu_us_per_request']:.1f} us (busy {metered['busy']:.0%}): metering costs "
         f"{metered['cpu_us_per_request'] - bare['cpu_us_per_request']:.1f} us a request"
+    )
+    steal = summary["steal"]
+    print(
+        f"hypervisor steal during the measured runs: median {steal['median']:.1%}, max {steal['max']:.1%}"
+        + (
+            "  (above 1%: the rounds it hit are slower for reasons that are not the app's)"
+            if steal["max"] > 0.01
+            else ""
+        )
     )
     per = summary["redis_per_request"]
     print()
@@ -725,6 +741,28 @@ def process_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(stolen, all) CPU clock ticks of the machine so far, from /proc/stat ((0, 0) where there is none).
+
+    Steal is time the hypervisor ran something else on our virtual CPUs. On a shared cloud machine it
+    comes in bursts, and a run it lands in is slower (and has tails of hundreds of ms) for reasons that
+    are not the app's: each run prints its share, so such rounds can be told from the others.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is already counted in user)
+    values = [int(v) for v in fields]
+    return (values[7] if len(values) == 8 else 0), sum(values)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The stolen share of the machine's CPU time between two ``machine_ticks`` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:

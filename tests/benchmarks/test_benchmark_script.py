@@ -37,6 +37,11 @@ def _check(result: dict[str, object]) -> None:
     per = summary["redis_per_request"]
     assert per["key_lookups"] == 0, "warmed-up key cache: no Redis lookups to resolve keys"
     assert summary["memory_bytes_per_key_period"]["usage"] > 0
+    steal = summary["steal"]
+    assert 0 <= steal["median"] <= steal["max"] <= 1
+    samples = result["samples"]
+    assert isinstance(samples, list)
+    assert all(0 <= sample["steal"] <= 1 for sample in samples)
 
 
 @pytest.mark.parametrize("generator", ["auto", "httpx"])
@@ -64,4 +69,21 @@ def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:
         return
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "round 1: a " in proc.stdout
+    assert "| steal " in proc.stdout
     assert "cost ratio a/b, median" in proc.stdout
+
+
+def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None:
+    """The steal column reads /proc/stat's eighth field over the run, as a share of all its ticks."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import run
+    finally:
+        sys.path.remove(str(ROOT))
+    assert run.steal_share((10, 1_000), (16, 1_200)) == pytest.approx(0.03)
+    assert run.steal_share((5, 100), (5, 100)) == 0.0  # no time passed: no share, not a division by zero
+    if Path("/proc/stat").exists():
+        earlier = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
+        stolen, total = run.machine_ticks()
+        assert total >= sum(earlier)  # the counters only grow, and all eight fields are summed
+        assert earlier[7] <= stolen <= total

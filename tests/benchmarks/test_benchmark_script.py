@@ -39,6 +39,7 @@ def _check(result: dict[str, object]) -> None:
     assert summary["memory_bytes_per_key_period"]["usage"] > 0
     steal = summary["steal"]
     assert 0 <= steal["median"] <= steal["max"] <= 1
+    assert steal["rounds_over"] == (1 if steal["max"] > steal["limit"] else 0)  # --quick: one round
     samples = result["samples"]
     assert isinstance(samples, list)
     assert all(0 <= sample["steal"] <= 1 for sample in samples)
@@ -81,6 +82,14 @@ def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None
     finally:
         sys.path.remove(str(ROOT))
     assert run.steal_share((10, 1_000), (16, 1_200)) == pytest.approx(0.03)
+    # A round measured again keeps the try whose worse run lost least, bare and metered together.
+    load = run.Load(requests=1, seconds=1.0, p50_ms=1.0, p99_ms=1.0, non2xx=0, socket_errors=0)
+
+    def pair(bare: float, metered: float) -> list[run.Sample]:
+        return [run.Sample("bare", 1, load, steal=bare), run.Sample("metered", 1, load, steal=metered)]
+
+    assert run.least_stolen([pair(0.01, 0.09), pair(0.05, 0.04), pair(0.0, 0.06)]) == 1
+    assert run.least_stolen([pair(0.03, 0.0), pair(0.0, 0.03)]) == 0
     assert run.steal_share((5, 100), (5, 100)) == 0.0  # no time passed: no share, not a division by zero
     if Path("/proc/stat").exists():
         earlier = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]

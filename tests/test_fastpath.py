@@ -32,12 +32,32 @@ ENCODERS: list[Any] = [pytest.param(py_encode_lines, id="python")]
 if NATIVE:
     from metered_middleware import _speedups
 
+    def table_of(entries: Any) -> _speedups.KeyTable:
+        """The same entries in the compiled table the resolver cache uses where it is built."""
+        table = _speedups.KeyTable()
+        for first, entry in entries.items():
+            table[first] = entry
+        return table
+
+    def find_in_table(headers: Any, entries: Any, *args: Any) -> BillingTarget | None:
+        return _speedups.find_cached(headers, table_of(entries), *args)
+
+    def table_path(**kwargs: Any) -> _speedups.FastPath:
+        return _speedups.FastPath(**{**kwargs, "entries": table_of(kwargs["entries"])})
+
     FINDERS.append(pytest.param(_speedups.find_cached, id="native"))
+    FINDERS.append(pytest.param(find_in_table, id="native-table"))
     SENDS.append(pytest.param(_speedups.CountingSend, id="native"))
     PATHS.append(pytest.param(_speedups.FastPath, id="native"))
+    PATHS.append(pytest.param(table_path, id="native-table"))
     TALLIES.append(pytest.param(_speedups.Tally, id="native"))
     GROUPERS.append(pytest.param(_speedups.group_by_shard, id="native"))
     ENCODERS.append(pytest.param(_speedups.encode_lines, id="native"))
+# Each fast path with the tally it counts into.
+PATH_TALLIES: list[Any] = [
+    pytest.param(p.values[0], (TALLIES[-1] if NATIVE and p.id != "python" else TALLIES[0]).values[0], id=p.id)
+    for p in PATHS
+]
 
 KEY = b"mm_live_0123456789abcdefghijklmnopqrstuv"
 OTHER = b"mm_live_zyxwvutsrqponmlkjihgfedcba987654"
@@ -307,10 +327,7 @@ def tally_path(make: Any, entries: Any, tally: Any) -> Any:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("make", "make_tally"),
-    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
-)
+@pytest.mark.parametrize(("make", "make_tally"), PATH_TALLIES)
 async def test_fast_path_counts_into_a_tally(make: Any, make_tally: Any) -> None:
     """Given a tally's add, the fast path's sends count into that tally."""
     tally = make_tally(10, lambda: None, lambda: None)
@@ -346,10 +363,7 @@ class RenamedTarget(BillingTarget):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("make", "make_tally"),
-    [pytest.param(p.values[0], t.values[0], id=p.id) for p, t in zip(PATHS, TALLIES, strict=True)],
-)
+@pytest.mark.parametrize(("make", "make_tally"), PATH_TALLIES)
 async def test_targets_of_a_subclass_are_admitted_and_counted_alike(make: Any, make_tally: Any) -> None:
     """A BillingTarget subclass (an app's own) is admitted, refused and counted by its fields, like the
     class itself."""

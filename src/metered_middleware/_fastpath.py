@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Message, Scope, Send
 
-from metered_middleware._resolver import CHECK_PREFIX, cache_clock, key_hash
+from metered_middleware._resolver import CHECK_PREFIX, DictEntries, EntryTable, cache_clock, key_hash
 from metered_middleware._target import BillingTarget
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Tally",
     "encode_lines",
     "group_by_shard",
+    "new_entries",
     "py_encode_lines",
     "py_find_cached",
     "py_group_by_shard",
@@ -45,7 +46,7 @@ __all__ = [
 if TYPE_CHECKING:
     from metered_middleware import _speedups
 
-Entries = dict[int, tuple[float, int, BillingTarget | None]]
+Entries = EntryTable
 Lines = list[tuple[BillingTarget, int]]
 Encoded = tuple[list[int], list[int], list[bytes], list[str]]
 
@@ -282,6 +283,11 @@ class PyFastPath:
         if not units:
             return send
         return PyCountingSend(send, target, units, self._add, self._statuses)
+
+
+def new_entries() -> EntryTable:
+    """The resolver cache's entry table: the compiled ``KeyTable`` where built, else a ``DictEntries``."""
+    return _speedups.KeyTable() if NATIVE else DictEntries()
 
 
 NATIVE: bool

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -20,6 +20,9 @@ __all__ = [
     "CHECK_PREFIX",
     "CachingResolver",
     "CallableResolver",
+    "DictEntries",
+    "Entry",
+    "EntryTable",
     "Fingerprint",
     "Resolver",
     "StaticResolver",
@@ -37,6 +40,31 @@ __all__ = [
 # bits the caller never sees, under a per-process secret.
 CHECK_PREFIX = b"\x01"
 Fingerprint = tuple[int, int]
+# A cache entry: (expiry on ``cache_clock``, the fingerprint's second hash, the target or None).
+Entry = tuple[float, int, BillingTarget | None]
+
+
+class EntryTable(Protocol):
+    """The cache's entries by first hash, oldest first: the compiled ``KeyTable`` (one cache line an
+    entry) where ``_speedups`` is built, else ``DictEntries``."""
+
+    def get(self, first: int, /) -> Entry | None: ...
+    def pop(self, first: int, default: None, /) -> Entry | None: ...
+    def popoldest(self) -> tuple[int, Entry]: ...
+    def __setitem__(self, first: int, entry: Entry, /) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, first: object, /) -> bool: ...
+    def clear(self) -> None: ...
+    def items(self) -> Iterable[tuple[int, Entry]]: ...
+
+
+class DictEntries(dict[int, Entry]):
+    """The pure-Python ``EntryTable``: a dict, whose insertion order is the eviction order."""
+
+    def popoldest(self) -> tuple[int, Entry]:
+        """Remove and return the entry inserted first."""
+        first = next(iter(self))
+        return first, self.pop(first)
 
 
 _SECRET = os.urandom(16)
@@ -144,10 +172,12 @@ class StaticResolver:
 class CachingResolver:
     """An in-process cache in front of a resolver, with a positive and a negative TTL.
 
-    Hits cost one dict lookup, no Redis. Concurrent misses for one key share a single lookup. When the inner
+    Hits cost one table lookup, no Redis. Concurrent misses for one key share a single lookup. When the inner
     resolver fails (Redis down), an expired entry is served rather than refusing a key seen before.
     Entries are keyed by the key's fingerprint (two keyed 64-bit hashes), so no plain key is held even in
-    memory: ``_entries`` maps the first hash to (expiry, second hash, target).
+    memory: ``_entries`` maps the first hash to (expiry, second hash, target). It is an ``EntryTable``:
+    the compiled ``KeyTable`` where the request path is built, in whose slots that path also counts the
+    open window's units, else a dict.
     """
 
     def __init__(
@@ -162,7 +192,10 @@ class CachingResolver:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
-        self._entries: dict[int, tuple[float, int, BillingTarget | None]] = {}
+        # Imported here: the request path's module reads this one's hash and clock at its own import.
+        from metered_middleware._fastpath import new_entries
+
+        self._entries: EntryTable = new_entries()
         self._inflight: dict[Fingerprint, asyncio.Future[BillingTarget | None]] = {}
         #: Calls to the inner resolver (cache misses and expiries; concurrent misses for a key count once).
         self.lookups = 0
@@ -229,8 +262,8 @@ class CachingResolver:
             self._entries.pop(first, None)
             return
         if len(self._entries) >= self.max_entries and first not in self._entries:
-            # dicts keep insertion order: drop the oldest entry (bounded memory under key-guessing floods).
-            self._entries.pop(next(iter(self._entries)))
+            # Drop the oldest entry: bounded memory under key-guessing floods.
+            self._entries.popoldest()
         self._entries[first] = (cache_clock() + ttl, second, target)
 
     def invalidate(self, key: str | None = None) -> None:

@@ -11,6 +11,9 @@
    - find_cached(headers, entries, names, bearer, max_length): the cached target for the request's key, or
      None for anything else (no key, two keys, a miss, an expired or mismatched entry), which the general
      path then judges. `entries` is CachingResolver._entries: first hash -> (expiry, second hash, target).
+   - KeyTable(): those entries, one cache line each, in a flat table (the twin uses a dict). The first
+     FastPath over a table binds it to its tally, and the open window's units for cached keys are then
+     counted in the entries' own slots.
    - CountingSend(send, target, units, add, statuses): the `send` wrapper that counts the response once
      its status is known: add(target, units) when an `http.response.start` carries a status in `statuses`.
    - Tally(max_targets, wake, overflow): the counter's buffer for the window being filled.
@@ -68,14 +71,16 @@ starts_with_bearer(const char *value, Py_ssize_t length)
     return 1;
 }
 
-/* The cache entry's target for the request's single key, as a borrowed reference; NULL when there is
-   none (with an exception set only on a real error). `entries` must be a dict and `names` a tuple. */
-static PyObject *
-lookup(PyObject *headers, PyObject *entries, PyObject *names, int bearer, Py_ssize_t max_length)
+/* The request's single key (Bearer or a key header) into *found, *found_length: 1 when there is one, 0
+   when there is none, or two, or one too long, or headers that are not a list of pairs of bytes (which the
+   general path then judges). `names` must be a tuple. */
+static int
+find_key(PyObject *headers, PyObject *names, int bearer, Py_ssize_t max_length, const char **key_out,
+         Py_ssize_t *length_out)
 {
     /* ASGI servers give a list of (name, value) pairs of bytes; anything else is the general path's. */
     if (!PyList_Check(headers)) {
-        return NULL;
+        return 0;
     }
     const char *found = NULL;
     Py_ssize_t found_length = 0;
@@ -83,11 +88,11 @@ lookup(PyObject *headers, PyObject *entries, PyObject *names, int bearer, Py_ssi
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *pair = PyList_GET_ITEM(headers, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            return NULL;
+            return 0;
         }
         PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
         if (!PyBytes_Check(name) || !PyBytes_Check(value)) {
-            return NULL;
+            return 0;
         }
         const char *name_bytes = PyBytes_AS_STRING(name);
         Py_ssize_t name_length = PyBytes_GET_SIZE(name);
@@ -115,14 +120,24 @@ lookup(PyObject *headers, PyObject *entries, PyObject *names, int bearer, Py_ssi
             }
         }
         if (found != NULL) {
-            return NULL; /* two keys: the general path refuses them */
+            return 0; /* two keys: the general path refuses them */
         }
         found = key;
         found_length = key_length;
     }
     if (found == NULL || found_length > max_length) {
-        return NULL;
+        return 0;
     }
+    *key_out = found;
+    *length_out = found_length;
+    return 1;
+}
+
+/* The cache entry's target for the key, as a borrowed reference; NULL when there is none (with an
+   exception set only on a real error). `entries` must be a dict. */
+static PyObject *
+dict_lookup(PyObject *entries, const char *found, Py_ssize_t found_length)
+{
     /* Python's hash() of the key's bytes: the same function, and the same per-process secret. */
     PyObject *first = PyLong_FromSsize_t(_Py_HashBytes(found, found_length));
     if (first == NULL) {
@@ -166,6 +181,10 @@ lookup(PyObject *headers, PyObject *entries, PyObject *names, int bearer, Py_ssi
     return target == Py_None ? NULL : target;
 }
 
+static PyTypeObject KeyTableType;
+static PyObject *entries_lookup(PyObject *entries, const char *key, Py_ssize_t length, int *admissible_known,
+                                int *admissible, int32_t *index);
+
 static PyObject *
 find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -173,8 +192,8 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "find_cached(headers, entries, names, bearer, max_length)");
         return NULL;
     }
-    if (!PyDict_Check(args[1]) || !PyTuple_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "find_cached: entries must be a dict and names a tuple");
+    if (!(PyDict_Check(args[1]) || Py_IS_TYPE(args[1], &KeyTableType)) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "find_cached: entries must be a dict or KeyTable and names a tuple");
         return NULL;
     }
     int bearer = PyObject_IsTrue(args[3]);
@@ -185,7 +204,13 @@ find_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (max_length == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *target = lookup(args[0], args[1], args[2], bearer, max_length);
+    const char *key;
+    Py_ssize_t length;
+    int known, admissible;
+    int32_t index;
+    PyObject *target = find_key(args[0], args[2], bearer, max_length, &key, &length)
+                           ? entries_lookup(args[1], key, length, &known, &admissible, &index)
+                           : NULL;
     if (target == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -219,9 +244,12 @@ typedef struct {
     long long counted_requests;
     long long overflow_units;
     int armed;
+    PyObject *table; /* the KeyTable whose slots hold part of this window's units (FastPath binds it), or NULL */
 } Tally;
 
 static PyTypeObject TallyType;
+static int table_take_into(PyObject *table);
+static Py_ssize_t table_pending(PyObject *table);
 static PyObject *str_target_id;
 static PyObject *str_period_start;
 static PyObject *str_period_end;
@@ -337,6 +365,51 @@ done:
     return status;
 }
 
+/* Add n units under the target's id to the tally's dicts, with no limit and no counted-request statistics:
+   units counted already (in a KeyTable's slot) moving in. `latest`: the target replaces the one kept for
+   its id; otherwise it is kept only where the id has none yet. */
+static int
+tally_merge(Tally *self, PyObject *target, long long n, int latest)
+{
+    PyObject *target_id = target_attr(target, offset_target_id, str_target_id);
+    if (target_id == NULL) {
+        return -1;
+    }
+    int status = -1;
+    PyObject *units = NULL, *total = NULL;
+    PyObject *buffered = PyDict_GetItemWithError(self->buffer, target_id); /* borrowed */
+    if (buffered == NULL && PyErr_Occurred()) {
+        goto done;
+    }
+    if ((units = PyLong_FromLongLong(n)) == NULL) {
+        goto done;
+    }
+    total = buffered != NULL ? PyNumber_Add(buffered, units) : Py_NewRef(units);
+    if (total == NULL) {
+        goto done;
+    }
+    if (!latest) {
+        int known = PyDict_Contains(self->targets, target_id);
+        if (known < 0) {
+            goto done;
+        }
+        latest = !known;
+    }
+    /* The target first: should the second write fail, the units are still where they were. */
+    if (latest && PyDict_SetItem(self->targets, target_id, target) < 0) {
+        goto done;
+    }
+    if (PyDict_SetItem(self->buffer, target_id, total) < 0) {
+        goto done;
+    }
+    status = 0;
+done:
+    Py_XDECREF(units);
+    Py_XDECREF(total);
+    Py_DECREF(target_id);
+    return status;
+}
+
 static PyObject *
 tally_add_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -354,6 +427,9 @@ static PyObject *
 tally_take(PyObject *op, PyObject *unused)
 {
     Tally *self = (Tally *)op;
+    if (self->table != NULL && table_take_into(self->table) < 0) {
+        return NULL; /* what moved is in the dicts, the rest still in its slots: nothing lost */
+    }
     PyObject *buffer = PyDict_New(), *targets = PyDict_New();
     if (buffer == NULL || targets == NULL) {
         Py_XDECREF(buffer);
@@ -374,7 +450,9 @@ tally_take(PyObject *op, PyObject *unused)
 static Py_ssize_t
 tally_length(PyObject *op)
 {
-    return PyDict_GET_SIZE(((Tally *)op)->buffer);
+    /* Lines so far: an id both in the dicts and in a slot counts twice until the window is taken. */
+    Tally *self = (Tally *)op;
+    return PyDict_GET_SIZE(self->buffer) + (self->table != NULL ? table_pending(self->table) : 0);
 }
 
 static PyObject *
@@ -409,6 +487,7 @@ tally_traverse(Tally *self, visitproc visit, void *arg)
     Py_VISIT(self->targets);
     Py_VISIT(self->wake);
     Py_VISIT(self->overflow);
+    Py_VISIT(self->table);
     return 0;
 }
 
@@ -419,6 +498,7 @@ tally_clear(Tally *self)
     Py_CLEAR(self->targets);
     Py_CLEAR(self->wake);
     Py_CLEAR(self->overflow);
+    Py_CLEAR(self->table);
     return 0;
 }
 
@@ -463,6 +543,653 @@ static PyTypeObject TallyType = {
     .tp_as_sequence = &tally_as_sequence,
 };
 
+/* KeyTable(): the resolver cache's entries (CachingResolver._entries) where this module is built. It maps
+   a key's first hash to (expiry, second hash, target), like the dict the pure-Python twin uses, and keeps
+   the dict's insertion order for eviction (`popoldest`). Each entry is one 64-byte slot of a flat
+   open-addressed array, so a cached request reads one cache line for its entry (the dict read touched the
+   dict's index and entry, the key's int, the value's tuple, a float and an int: six lines, scattered over
+   the heap, and with 1,000 keys none of them stay in cache between a key's requests). */
+enum { SLOT_EMPTY = 0, SLOT_USED = 1, SLOT_DELETED = 2 };
+#define TABLE_MIN_CAPACITY 8
+#define NO_SLOT ((int32_t)-1)
+
+/* 64 bytes, on a 64-byte boundary: one cache line. What a cached request reads comes first. */
+typedef struct {
+    int64_t first;        /* the key's first hash: the entry's name */
+    int64_t check;        /* its second hash */
+    double expiry;        /* on the cache clock (monotonic_now) */
+    PyObject *target;     /* strong; Py_None for a negative entry; NULL unless SLOT_USED */
+    uint8_t state;
+    uint8_t admissible;   /* the target's `admissible`, read once (BillingTarget is frozen) */
+    uint8_t exact;        /* the target is a BillingTarget itself, so `admissible` above holds */
+    uint8_t dirty;        /* listed in the table's `dirty` (until the window is taken or the table resized) */
+    int32_t older, newer; /* insertion order, as slot indices (NO_SLOT at the ends) */
+    int64_t units;        /* units counted through this entry in the open window, for the bound tally */
+    char padding[8];
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    Slot *slots;         /* inside `memory`, on a 64-byte boundary */
+    void *memory;
+    Py_ssize_t capacity; /* a power of two */
+    Py_ssize_t used;     /* live entries */
+    Py_ssize_t filled;   /* live and deleted slots: probes stop only at an empty one */
+    int32_t oldest, newest;
+    /* The open window's units live in the slots of the tally this table is bound to (FastPath binds the
+       middleware's own): a counted request adds to its entry's line instead of the tally's two dicts.
+       `dirty` lists the slots counted into since the window was last taken (each once), `pending` how
+       many of them hold units. An entry replaced by another target, or removed, first moves its units
+       into the tally's dicts, so nothing counted is lost with it. */
+    int32_t *dirty;
+    Py_ssize_t dirty_count;
+    Py_ssize_t pending;
+    PyObject *tally;     /* a Tally, or NULL */
+} KeyTable;
+
+static PyTypeObject KeyTableType;
+_Static_assert(sizeof(Slot) == 64, "a slot is one cache line");
+
+/* Spread the hash's bits: SipHash's are uniform already, but a caller may store any int. */
+static inline size_t
+table_home(int64_t first, Py_ssize_t capacity)
+{
+    uint64_t x = (uint64_t)first;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (size_t)(x & (uint64_t)(capacity - 1));
+}
+
+/* The slot holding `first`, or NULL. */
+static inline Slot *
+table_find(KeyTable *self, int64_t first)
+{
+    if (self->slots == NULL) {
+        return NULL;
+    }
+    size_t mask = (size_t)self->capacity - 1, i = table_home(first, self->capacity);
+    for (;;) {
+        Slot *slot = &self->slots[i];
+        if (slot->state == SLOT_EMPTY) {
+            return NULL;
+        }
+        if (slot->state == SLOT_USED && slot->first == first) {
+            return slot;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+static void
+table_unlink(KeyTable *self, Slot *slot)
+{
+    if (slot->older != NO_SLOT) {
+        self->slots[slot->older].newer = slot->newer;
+    }
+    else {
+        self->oldest = slot->newer;
+    }
+    if (slot->newer != NO_SLOT) {
+        self->slots[slot->newer].older = slot->older;
+    }
+    else {
+        self->newest = slot->older;
+    }
+}
+
+static void
+table_link_newest(KeyTable *self, Slot *slot)
+{
+    int32_t index = (int32_t)(slot - self->slots);
+    slot->older = self->newest;
+    slot->newer = NO_SLOT;
+    if (self->newest != NO_SLOT) {
+        self->slots[self->newest].newer = index;
+    }
+    else {
+        self->oldest = index;
+    }
+    self->newest = index;
+}
+
+/* Rebuild into `capacity` slots, in insertion order (which drops the deleted slots). */
+static int
+table_resize(KeyTable *self, Py_ssize_t capacity)
+{
+    if (capacity > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "KeyTable is full");
+        return -1;
+    }
+    void *memory = PyMem_Calloc((size_t)capacity + 1, sizeof(Slot));
+    if (memory == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int32_t *dirty = PyMem_Malloc((size_t)capacity * sizeof(int32_t));
+    if (dirty == NULL) {
+        PyMem_Free(memory);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Slot *slots = (Slot *)(((uintptr_t)memory + 63) & ~(uintptr_t)63);
+    Slot *old = self->slots;
+    void *old_memory = self->memory;
+    PyMem_Free(self->dirty);
+    self->memory = memory;
+    self->dirty = dirty;
+    self->dirty_count = 0;
+    int32_t index = self->oldest;
+    self->slots = slots;
+    self->capacity = capacity;
+    self->oldest = self->newest = NO_SLOT;
+    self->filled = self->used;
+    size_t mask = (size_t)capacity - 1;
+    while (index != NO_SLOT) {
+        Slot *from = &old[index];
+        size_t i = table_home(from->first, capacity);
+        while (slots[i].state != SLOT_EMPTY) {
+            i = (i + 1) & mask;
+        }
+        slots[i] = *from;
+        table_link_newest(self, &slots[i]);
+        slots[i].dirty = slots[i].units != 0;
+        if (slots[i].dirty) {
+            dirty[self->dirty_count++] = (int32_t)i;
+        }
+        index = from->newer;
+    }
+    PyMem_Free(old_memory);
+    return 0;
+}
+
+static int
+table_first(PyObject *key, int64_t *first)
+{
+    if (!PyLong_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "KeyTable keys are ints (a key's first hash)");
+        return -1;
+    }
+    long long value = PyLong_AsLongLong(key);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *first = (int64_t)value;
+    return 0;
+}
+
+static PyObject *
+slot_entry(Slot *slot)
+{
+    return Py_BuildValue("(dLO)", slot->expiry, (long long)slot->check, slot->target);
+}
+
+/* Move a slot's units into the bound tally's dicts (before its target leaves the slot). */
+static int
+table_drain(KeyTable *self, Slot *slot)
+{
+    if (slot->units == 0) {
+        return 0;
+    }
+    if (tally_merge((Tally *)self->tally, slot->target, slot->units, 0) < 0) {
+        return -1;
+    }
+    slot->units = 0;
+    self->pending -= 1;
+    return 0;
+}
+
+/* Empty a live slot, its units moved to the tally first; its target's reference goes to *target, for the
+   caller to release. -1 (the slot untouched) when the units could not be moved. */
+static int
+table_remove(KeyTable *self, Slot *slot, PyObject **target)
+{
+    if (table_drain(self, slot) < 0) {
+        return -1;
+    }
+    *target = slot->target;
+    table_unlink(self, slot);
+    slot->target = NULL;
+    slot->state = SLOT_DELETED;
+    self->used -= 1;
+    return 0;
+}
+
+static int
+table_set(KeyTable *self, PyObject *key, PyObject *value)
+{
+    int64_t first;
+    if (table_first(key, &first) < 0) {
+        return -1;
+    }
+    Slot *slot = table_find(self, first);
+    if (value == NULL) { /* del table[first] */
+        if (slot == NULL) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        PyObject *target;
+        if (table_remove(self, slot, &target) < 0) {
+            return -1;
+        }
+        Py_DECREF(target);
+        return 0;
+    }
+    if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 3 || !PyFloat_Check(PyTuple_GET_ITEM(value, 0)) ||
+        !PyLong_Check(PyTuple_GET_ITEM(value, 1))) {
+        PyErr_SetString(PyExc_TypeError, "KeyTable values are (expiry: float, second hash: int, target)");
+        return -1;
+    }
+    long long check = PyLong_AsLongLong(PyTuple_GET_ITEM(value, 1));
+    if (check == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *target = PyTuple_GET_ITEM(value, 2);
+    int exact = target != Py_None && target_type != NULL && Py_TYPE(target) == target_type &&
+                offset_admissible > 0;
+    int admissible = 0;
+    if (exact) {
+        PyObject *flag = *(PyObject **)((char *)target + offset_admissible);
+        admissible = flag == Py_True;
+        exact = flag != NULL;
+    }
+    if (slot == NULL) {
+        if ((self->filled + 1) * 4 > self->capacity * 3) {
+            Py_ssize_t capacity = self->capacity ? self->capacity : TABLE_MIN_CAPACITY;
+            while ((self->used + 1) * 2 > capacity) {
+                capacity *= 2;
+            }
+            if (table_resize(self, capacity) < 0) {
+                return -1;
+            }
+        }
+        size_t mask = (size_t)self->capacity - 1, i = table_home(first, self->capacity);
+        while (self->slots[i].state == SLOT_USED) {
+            i = (i + 1) & mask;
+        }
+        slot = &self->slots[i];
+        if (slot->state == SLOT_EMPTY) {
+            self->filled += 1;
+        }
+        slot->state = SLOT_USED;
+        slot->first = first;
+        slot->target = NULL;
+        slot->units = 0;
+        self->used += 1;
+        table_link_newest(self, slot); /* a replaced entry keeps its place, as a dict's does */
+    }
+    if (slot->target != target && table_drain(self, slot) < 0) {
+        return -1; /* the entry stays as it was, units and all */
+    }
+    PyObject *previous = slot->target;
+    slot->check = (int64_t)check;
+    slot->expiry = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(value, 0));
+    slot->target = Py_NewRef(target);
+    slot->admissible = (uint8_t)admissible;
+    slot->exact = (uint8_t)exact;
+    Py_XDECREF(previous);
+    return 0;
+}
+
+static PyObject *
+table_subscript(PyObject *op, PyObject *key)
+{
+    int64_t first;
+    if (table_first(key, &first) < 0) {
+        return NULL;
+    }
+    Slot *slot = table_find((KeyTable *)op, first);
+    if (slot == NULL) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return slot_entry(slot);
+}
+
+static int
+table_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
+{
+    return table_set((KeyTable *)op, key, value);
+}
+
+static Py_ssize_t
+table_length(PyObject *op)
+{
+    return ((KeyTable *)op)->used;
+}
+
+static int
+table_contains(PyObject *op, PyObject *key)
+{
+    if (!PyLong_Check(key)) {
+        return 0;
+    }
+    int64_t first;
+    if (table_first(key, &first) < 0) {
+        PyErr_Clear(); /* an int out of range is simply not a first hash */
+        return 0;
+    }
+    return table_find((KeyTable *)op, first) != NULL;
+}
+
+static PyObject *
+table_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(first, default=None)");
+        return NULL;
+    }
+    PyObject *fallback = nargs == 2 ? args[1] : Py_None;
+    if (!PyLong_Check(args[0])) {
+        return Py_NewRef(fallback);
+    }
+    int64_t first;
+    if (table_first(args[0], &first) < 0) {
+        PyErr_Clear();
+        return Py_NewRef(fallback);
+    }
+    Slot *slot = table_find((KeyTable *)op, first);
+    return slot == NULL ? Py_NewRef(fallback) : slot_entry(slot);
+}
+
+static PyObject *
+table_pop(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(first[, default])");
+        return NULL;
+    }
+    KeyTable *self = (KeyTable *)op;
+    int64_t first;
+    Slot *slot = NULL;
+    if (PyLong_Check(args[0])) {
+        if (table_first(args[0], &first) < 0) {
+            PyErr_Clear();
+        }
+        else {
+            slot = table_find(self, first);
+        }
+    }
+    if (slot == NULL) {
+        if (nargs == 2) {
+            return Py_NewRef(args[1]);
+        }
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    PyObject *entry = slot_entry(slot), *target;
+    if (entry == NULL) {
+        return NULL;
+    }
+    if (table_remove(self, slot, &target) < 0) {
+        Py_DECREF(entry);
+        return NULL;
+    }
+    Py_DECREF(target);
+    return entry;
+}
+
+static PyObject *
+table_popoldest(PyObject *op, PyObject *unused)
+{
+    KeyTable *self = (KeyTable *)op;
+    if (self->oldest == NO_SLOT) {
+        PyErr_SetString(PyExc_KeyError, "popoldest(): the table is empty");
+        return NULL;
+    }
+    Slot *slot = &self->slots[self->oldest];
+    PyObject *pair = Py_BuildValue("(LN)", (long long)slot->first, slot_entry(slot)), *target;
+    if (pair == NULL) {
+        return NULL;
+    }
+    if (table_remove(self, slot, &target) < 0) {
+        Py_DECREF(pair);
+        return NULL;
+    }
+    Py_DECREF(target);
+    return pair;
+}
+
+static void
+table_release(KeyTable *self)
+{
+    Slot *slots = self->slots;
+    void *memory = self->memory;
+    Py_ssize_t capacity = self->capacity;
+    self->slots = NULL;
+    self->memory = NULL;
+    PyMem_Free(self->dirty);
+    self->dirty = NULL;
+    self->dirty_count = self->pending = 0;
+    self->capacity = self->used = self->filled = 0;
+    self->oldest = self->newest = NO_SLOT;
+    for (Py_ssize_t i = 0; i < capacity; i++) {
+        if (slots[i].state == SLOT_USED) {
+            Py_CLEAR(slots[i].target);
+        }
+    }
+    PyMem_Free(memory);
+}
+
+static PyObject *
+table_clear_method(PyObject *op, PyObject *unused)
+{
+    KeyTable *self = (KeyTable *)op;
+    for (Py_ssize_t k = 0; k < self->dirty_count; k++) {
+        Slot *slot = &self->slots[self->dirty[k]];
+        if (slot->state == SLOT_USED && table_drain(self, slot) < 0) {
+            return NULL; /* what was drained is in the tally, the rest still in its slots */
+        }
+    }
+    table_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_items(PyObject *op, PyObject *unused)
+{
+    KeyTable *self = (KeyTable *)op;
+    PyObject *items = PyList_New(0);
+    if (items == NULL) {
+        return NULL;
+    }
+    for (int32_t i = self->oldest; i != NO_SLOT; i = self->slots[i].newer) {
+        PyObject *pair = Py_BuildValue("(LN)", (long long)self->slots[i].first, slot_entry(&self->slots[i]));
+        if (pair == NULL || PyList_Append(items, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(items);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    return items;
+}
+
+static PyObject *
+table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) || (kwargs != NULL && PyDict_GET_SIZE(kwargs))) {
+        PyErr_SetString(PyExc_TypeError, "KeyTable() takes no arguments");
+        return NULL;
+    }
+    KeyTable *self = (KeyTable *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->oldest = self->newest = NO_SLOT;
+    }
+    return (PyObject *)self;
+}
+
+static int
+table_traverse(KeyTable *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tally);
+    for (Py_ssize_t i = 0; i < self->capacity; i++) {
+        if (self->slots[i].state == SLOT_USED) {
+            Py_VISIT(self->slots[i].target);
+        }
+    }
+    return 0;
+}
+
+static int
+table_gc_clear(KeyTable *self)
+{
+    Py_CLEAR(self->tally);
+    table_release(self);
+    return 0;
+}
+
+static void
+table_dealloc(KeyTable *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->tally);
+    table_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The entry's target for a key with these two hashes, fresh and admissible, as a borrowed reference. */
+static inline PyObject *
+table_lookup(KeyTable *self, const char *key, Py_ssize_t length, int *admissible_known, int *admissible,
+             int32_t *index)
+{
+    Slot *slot = table_find(self, (int64_t)_Py_HashBytes(key, length));
+    if (slot == NULL || slot->target == Py_None) {
+        return NULL;
+    }
+    char small[257];
+    char *prefixed = small;
+    if (length + 1 > (Py_ssize_t)sizeof(small)) {
+        prefixed = PyMem_Malloc((size_t)length + 1);
+        if (prefixed == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    prefixed[0] = CHECK_PREFIX;
+    memcpy(prefixed + 1, key, (size_t)length);
+    int64_t check = (int64_t)_Py_HashBytes(prefixed, length + 1);
+    if (prefixed != small) {
+        PyMem_Free(prefixed);
+    }
+    if (slot->check != check || slot->expiry <= monotonic_now()) {
+        return NULL;
+    }
+    *admissible_known = slot->exact;
+    *admissible = slot->admissible;
+    *index = (int32_t)(slot - self->slots);
+    return slot->target;
+}
+
+/* The cached target for a key, from the resolver cache's entries (a KeyTable, or the twin's dict). */
+static PyObject *
+entries_lookup(PyObject *entries, const char *key, Py_ssize_t length, int *admissible_known, int *admissible,
+               int32_t *index)
+{
+    if (Py_IS_TYPE(entries, &KeyTableType)) {
+        return table_lookup((KeyTable *)entries, key, length, admissible_known, admissible, index);
+    }
+    *admissible_known = 0;
+    *index = NO_SLOT;
+    return dict_lookup(entries, key, length);
+}
+
+/* Count n units through slot `index` if it still holds `target` (CountingSend, at the response's start):
+   1 when counted there, 0 when the caller must count through the tally's dicts, -1 on an error. */
+static int
+table_count(KeyTable *self, int32_t index, PyObject *target, long long n)
+{
+    if (self->tally == NULL || index < 0 || index >= self->capacity || n <= 0) {
+        return 0;
+    }
+    Slot *slot = &self->slots[index];
+    if (slot->state != SLOT_USED || slot->target != target || !slot->exact || slot->units > INT64_MAX - n) {
+        return 0; /* the entry was replaced or moved since the lookup */
+    }
+    if (slot->units == 0) {
+        self->pending += 1;
+        if (!slot->dirty) {
+            slot->dirty = 1;
+            self->dirty[self->dirty_count++] = index;
+        }
+    }
+    slot->units += n;
+    Tally *tally = (Tally *)self->tally;
+    tally->counted_units += n;
+    tally->counted_requests += 1;
+    if (!tally->armed) {
+        PyObject *result = PyObject_CallNoArgs(tally->wake);
+        if (result == NULL) {
+            return -1;
+        }
+        Py_DECREF(result);
+    }
+    return 1;
+}
+
+static Py_ssize_t
+table_pending(PyObject *op)
+{
+    return ((KeyTable *)op)->pending;
+}
+
+/* Move every slot's units into the tally's dicts (Tally.take, before it hands them over). */
+static int
+table_take_into(PyObject *op)
+{
+    KeyTable *self = (KeyTable *)op;
+    Py_ssize_t count = self->dirty_count, k = 0;
+    for (; k < count; k++) {
+        Slot *slot = &self->slots[self->dirty[k]];
+        if (slot->state == SLOT_USED && slot->units != 0) {
+            /* The entry's target is the key's current one: it carries the latest period bounds. */
+            if (tally_merge((Tally *)self->tally, slot->target, slot->units, 1) < 0) {
+                memmove(self->dirty, self->dirty + k, (size_t)(count - k) * sizeof(int32_t));
+                self->dirty_count = count - k;
+                return -1;
+            }
+            slot->units = 0;
+            self->pending -= 1;
+        }
+        slot->dirty = 0;
+    }
+    self->dirty_count = 0;
+    return 0;
+}
+
+static PyMethodDef table_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))table_get, METH_FASTCALL, "get(first, default=None)"},
+    {"pop", (PyCFunction)(void (*)(void))table_pop, METH_FASTCALL, "pop(first[, default])"},
+    {"popoldest", table_popoldest, METH_NOARGS, "popoldest() -> (first, entry): the oldest entry, removed"},
+    {"clear", table_clear_method, METH_NOARGS, "clear(): forget every entry"},
+    {"items", table_items, METH_NOARGS, "items() -> [(first, entry)], oldest first"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods table_as_mapping = {
+    .mp_length = table_length,
+    .mp_subscript = table_subscript,
+    .mp_ass_subscript = table_ass_subscript,
+};
+
+static PySequenceMethods table_as_sequence = {
+    .sq_contains = table_contains,
+};
+
+static PyTypeObject KeyTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "metered_middleware._speedups.KeyTable",
+    .tp_doc = "KeyTable(): first hash -> (expiry, second hash, target), the resolver cache's entries.",
+    .tp_basicsize = sizeof(KeyTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = table_new,
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_traverse = (traverseproc)table_traverse,
+    .tp_clear = (inquiry)table_gc_clear,
+    .tp_methods = table_methods,
+    .tp_as_mapping = &table_as_mapping,
+    .tp_as_sequence = &table_as_sequence,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *send;
@@ -471,6 +1198,9 @@ typedef struct {
     PyObject *add;
     PyObject *statuses;
     vectorcallfunc vectorcall;
+    PyObject *table; /* the KeyTable whose slot `slot` the target was found in (FastPath), or NULL */
+    long long n;     /* `units` as a C integer, for the slot */
+    int32_t slot;
 } CountingSend;
 
 static PyObject *
@@ -498,7 +1228,17 @@ counting_send_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
                 if (counted < 0) {
                     return NULL;
                 }
-                if (counted && Py_IS_TYPE(self->add, &TallyType)) {
+                int in_slot = 0;
+                if (counted && self->table != NULL) {
+                    in_slot = table_count((KeyTable *)self->table, self->slot, self->target, self->n);
+                    if (in_slot < 0) {
+                        return NULL;
+                    }
+                }
+                if (in_slot) {
+                    /* counted in the entry's own slot */
+                }
+                else if (counted && Py_IS_TYPE(self->add, &TallyType)) {
                     if (tally_add((Tally *)self->add, self->target, self->units) < 0) {
                         return NULL;
                     }
@@ -538,6 +1278,9 @@ counting_send_new_vectorcall(PyObject *type, PyObject *const *args, size_t nargs
     self->add = Py_NewRef(args[3]);
     self->statuses = Py_NewRef(args[4]);
     self->vectorcall = counting_send_call;
+    self->table = NULL;
+    self->n = 0;
+    self->slot = NO_SLOT;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -561,6 +1304,7 @@ counting_send_traverse(CountingSend *self, visitproc visit, void *arg)
     Py_VISIT(self->units);
     Py_VISIT(self->add);
     Py_VISIT(self->statuses);
+    Py_VISIT(self->table);
     return 0;
 }
 
@@ -572,6 +1316,7 @@ counting_send_clear(CountingSend *self)
     Py_CLEAR(self->units);
     Py_CLEAR(self->add);
     Py_CLEAR(self->statuses);
+    Py_CLEAR(self->table);
     return 0;
 }
 
@@ -654,7 +1399,13 @@ fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
         }
         Py_RETURN_NONE;
     }
-    PyObject *target = lookup(headers, self->entries, self->names, self->bearer, self->max_length);
+    const char *key;
+    Py_ssize_t length;
+    int known = 0, admitted = 0;
+    int32_t index = NO_SLOT;
+    PyObject *target = find_key(headers, self->names, self->bearer, self->max_length, &key, &length)
+                           ? entries_lookup(self->entries, key, length, &known, &admitted, &index)
+                           : NULL;
     if (target == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -663,14 +1414,16 @@ fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
     }
     Py_INCREF(target); /* the entry may be replaced while the weigher runs */
     PyObject *result = NULL, *units = NULL;
-    PyObject *admissible = target_attr(target, offset_admissible, str_admissible);
-    if (admissible == NULL) {
-        goto done;
-    }
-    int admitted = PyObject_IsTrue(admissible);
-    Py_DECREF(admissible);
-    if (admitted < 0) {
-        goto done;
+    if (!known) {
+        PyObject *admissible = target_attr(target, offset_admissible, str_admissible);
+        if (admissible == NULL) {
+            goto done;
+        }
+        admitted = PyObject_IsTrue(admissible);
+        Py_DECREF(admissible);
+        if (admitted < 0) {
+            goto done;
+        }
     }
     if (admitted && self->closed) {
         PyObject *healthy = PyObject_GetAttr(self->counter, str_healthy);
@@ -729,6 +1482,17 @@ fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
     counting->add = Py_NewRef(self->add);
     counting->statuses = Py_NewRef(self->statuses);
     counting->vectorcall = counting_send_call;
+    counting->table = NULL;
+    counting->slot = index;
+    counting->n = 0;
+    if (index != NO_SLOT && ((KeyTable *)self->entries)->tally == self->add) {
+        counting->n = PyLong_AsLongLong(units);
+        if (counting->n == -1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* too large for a slot: the tally's dicts take it */
+            counting->n = 0;
+        }
+        counting->table = Py_NewRef(self->entries);
+    }
     PyObject_GC_Track(counting);
     result = (PyObject *)counting;
 done:
@@ -747,9 +1511,13 @@ fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     PyObject *entries, *names, *add, *statuses, *counter, *weigh, *excluded;
     int bearer, closed;
     Py_ssize_t max_length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!pnOOOpOO:FastPath", keywords, &PyDict_Type, &entries,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!pnOOOpOO:FastPath", keywords, &entries,
                                      &PyTuple_Type, &names, &bearer, &max_length, &add, &statuses, &counter,
                                      &closed, &weigh, &excluded)) {
+        return NULL;
+    }
+    if (!PyDict_Check(entries) && !Py_IS_TYPE(entries, &KeyTableType)) {
+        PyErr_SetString(PyExc_TypeError, "FastPath: entries must be a dict or KeyTable");
         return NULL;
     }
     if (excluded != Py_None && !PyDict_Check(excluded)) {
@@ -765,6 +1533,12 @@ fast_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_IS_TYPE(PyCFunction_GET_SELF(add), &TallyType) &&
         PyCFunction_GET_FUNCTION(add) == (PyCFunction)(void (*)(void))tally_add_method) {
         add = PyCFunction_GET_SELF(add);
+    }
+    if (Py_IS_TYPE(entries, &KeyTableType) && Py_IS_TYPE(add, &TallyType) && ((KeyTable *)entries)->tally == NULL &&
+        ((Tally *)add)->table == NULL) {
+        /* The first middleware on this cache counts in its slots; any other sharing it uses its dicts. */
+        ((KeyTable *)entries)->tally = Py_NewRef(add);
+        ((Tally *)add)->table = Py_NewRef(entries);
     }
     FastPath *self = (FastPath *)type->tp_alloc(type, 0);
     if (self == NULL) {
@@ -1246,7 +2020,7 @@ PyInit__speedups(void)
         str_healthy == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&TallyType) < 0 || PyType_Ready(&CountingSendType) < 0 || PyType_Ready(&FastPathType) < 0) {
+    if (PyType_Ready(&KeyTableType) < 0 || PyType_Ready(&TallyType) < 0 || PyType_Ready(&CountingSendType) < 0 || PyType_Ready(&FastPathType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
@@ -1255,6 +2029,7 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "CountingSend", (PyObject *)&CountingSendType) < 0 ||
         PyModule_AddObjectRef(module, "FastPath", (PyObject *)&FastPathType) < 0 ||
+        PyModule_AddObjectRef(module, "KeyTable", (PyObject *)&KeyTableType) < 0 ||
         PyModule_AddObjectRef(module, "Tally", (PyObject *)&TallyType) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -1,0 +1,236 @@
+"""The resolver cache's entry table, and the open window's units kept in its slots.
+
+``KeyTable`` (compiled) must behave as ``DictEntries`` (the twin) does for everything the resolver asks of
+it, and the units a compiled fast path counts into its slots must reach the counter's window exactly once,
+whatever happens to the entries in between: replaced by a refreshed target, evicted, removed, the table
+cleared or grown.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+from typing import Any
+
+import pytest
+
+from metered_middleware import BillingTarget
+from metered_middleware._fastpath import NATIVE, PyFastPath, PyTally
+from metered_middleware._resolver import DictEntries, cache_clock, fingerprint
+
+TABLES: list[Any] = [pytest.param(DictEntries, id="python")]
+if NATIVE:
+    from metered_middleware import _speedups
+
+    TABLES.append(pytest.param(_speedups.KeyTable, id="native"))
+
+native_only = pytest.mark.skipif(not NATIVE, reason="the compiled request path is not built here")
+
+
+@pytest.mark.parametrize("make", TABLES)
+def test_the_table_behaves_as_an_insertion_ordered_dict(make: Any) -> None:
+    """Random sets, replacements, removals and evictions, checked against a dict after every step: the
+    same answers, the same length, and the same oldest-first order (a replaced entry keeps its place)."""
+    rnd = random.Random(6)
+    table = make()
+    model: dict[int, tuple[float, int, BillingTarget | None]] = {}
+    targets = [BillingTarget(customer=f"cus_{n}") for n in range(5)] + [None]
+    firsts = [rnd.getrandbits(64) - 2**63 for _ in range(300)] + [0, -1, 2**63 - 1, -(2**63)]
+    for step in range(20_000):
+        first = rnd.choice(firsts)
+        op = rnd.random()
+        if op < 0.45:
+            entry = (rnd.random() * 100, rnd.getrandbits(63), rnd.choice(targets))
+            table[first] = entry
+            model[first] = entry
+        elif op < 0.65:
+            assert table.pop(first, None) == model.pop(first, None)
+        elif op < 0.7 and model:
+            oldest = next(iter(model))
+            assert table.popoldest() == (oldest, model.pop(oldest))
+        elif op < 0.7005:
+            table.clear()
+            model.clear()
+        else:
+            assert table.get(first) == model.get(first)
+            assert (first in table) is (first in model)
+        assert len(table) == len(model)
+        if step % 1000 == 0:
+            assert list(table.items()) == list(model.items())
+    assert list(table.items()) == list(model.items())
+
+
+@native_only
+def test_the_compiled_table_refuses_what_a_cache_entry_cannot_be() -> None:
+    """Keys are 64-bit ints and values (float, int, target): anything else is a clear error, not a crash."""
+    table = _speedups.KeyTable()
+    with pytest.raises(TypeError):
+        table["k"] = (1.0, 2, None)  # type: ignore[index]
+    with pytest.raises(OverflowError):
+        table[2**64] = (1.0, 2, None)
+    with pytest.raises(TypeError):
+        table[1] = (1, 2, None)
+    with pytest.raises(TypeError):
+        table[1] = (1.0, 2)  # type: ignore[assignment]
+    with pytest.raises(KeyError):
+        del table[1]
+    with pytest.raises(KeyError):
+        table.popoldest()
+    assert table.get("k") is None  # type: ignore[arg-type]
+    assert "k" not in table
+    assert len(table) == 0
+
+
+# -- the window's units in the slots -------------------------------------------------------------------
+NAMES = (b"x-api-key",)
+
+
+class Health:
+    healthy = True
+
+
+def fast_path(make: Any, entries: Any, tally: Any) -> Any:
+    return make(
+        entries=entries,
+        names=NAMES,
+        bearer=True,
+        max_length=256,
+        add=tally.add,
+        statuses=frozenset({200}),
+        counter=Health(),
+        closed=False,
+        weigh=None,
+        excluded=None,
+    )
+
+
+async def ignore(message: Any) -> None:
+    """A server's send that drops what it is given."""
+
+
+def scope_with(key: bytes) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": "/v1/x", "headers": [(b"x-api-key", key)]}
+
+
+IMPLEMENTATIONS: list[Any] = [pytest.param((PyFastPath, DictEntries, PyTally), id="python")]
+if NATIVE:
+    IMPLEMENTATIONS.append(
+        pytest.param((_speedups.FastPath, _speedups.KeyTable, _speedups.Tally), id="native")
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+async def test_every_counted_unit_reaches_a_window_once_whatever_happens_to_its_entry(
+    implementation: Any,
+) -> None:
+    """Requests for 40 keys of 25 customers, counted while their entries are refreshed with new target
+    objects (a new period), moved to other customers, evicted, removed, cleared and grown past the table's
+    size, and windows taken in between. Every counted unit is in exactly one window, under the id of the
+    target its request was admitted with; a response that starts after its entry changed counts too."""
+    make_path, make_table, make_tally = implementation
+    rnd = random.Random(8)
+    table = make_table()
+    tally = make_tally(100_000, lambda: None, lambda: None)
+    path = fast_path(make_path, table, tally)
+    keys = [f"mm_live_{n:032d}".encode() for n in range(40)]
+
+    def target_for(n: int, period: int) -> BillingTarget:
+        return BillingTarget(customer=f"cus_{n % 25}", meter_event_name="calls", period_start=period)
+
+    def store(key: bytes, target: BillingTarget) -> None:
+        first, second = fingerprint(key)
+        table[first] = (cache_clock() + 60, second, target)
+
+    for n, key in enumerate(keys):
+        store(key, target_for(n, 0))
+    expected: dict[str, int] = {}
+    windows: dict[str, int] = {}
+    in_flight: list[tuple[Any, BillingTarget]] = []
+
+    def take() -> None:
+        units, kept = tally.take()
+        assert set(units) == set(kept)
+        for target_id, count in units.items():
+            assert kept[target_id].target_id == target_id
+            windows[target_id] = windows.get(target_id, 0) + count
+
+    for step in range(6_000):
+        op = rnd.random()
+        n = rnd.randrange(len(keys))
+        key = keys[n]
+        if op < 0.6:
+            scope = scope_with(key)
+            send = path(scope, ignore)
+            if send is not None:
+                in_flight.append((send, scope["state"]["billing_target"]))
+        elif op < 0.85 and in_flight:
+            send, target = in_flight.pop(rnd.randrange(len(in_flight)))
+            await send({"type": "http.response.start", "status": 200})
+            expected[target.target_id] = expected.get(target.target_id, 0) + 1
+        elif op < 0.9:
+            store(key, target_for(n + rnd.randrange(2) * 7, step))  # refreshed, maybe another customer
+        elif op < 0.93:
+            table.pop(fingerprint(key)[0], None)
+        elif op < 0.94 and len(table):
+            table.popoldest()
+        elif op < 0.942:
+            table.clear()
+        elif op < 0.95:
+            for extra in range(rnd.randrange(1, 200)):  # strangers' keys grow the table (it resizes)
+                store(b"guess_%d_%d" % (step, extra), target_for(extra, step))
+        elif op < 0.98:
+            take()
+        else:
+            for m, again in enumerate(keys):
+                if fingerprint(again)[0] not in table:
+                    store(again, target_for(m, step))
+    for send, target in in_flight:
+        await send({"type": "http.response.start", "status": 200})
+        expected[target.target_id] = expected.get(target.target_id, 0) + 1
+    take()
+    assert windows == expected
+    assert tally.counted_units == sum(expected.values()) == tally.counted_requests
+    assert len(tally) == 0
+    assert tally.take() == ({}, {})
+
+
+@native_only
+@pytest.mark.anyio
+async def test_a_second_middleware_on_the_same_cache_counts_in_its_own_window() -> None:
+    """Two fast paths sharing one resolver cache: the first counts in the slots, the second in its own
+    tally's dicts, and neither window holds the other's units."""
+    table = _speedups.KeyTable()
+    first_tally = _speedups.Tally(10, lambda: None, lambda: None)
+    second_tally = _speedups.Tally(10, lambda: None, lambda: None)
+    key = b"mm_live_shared_key_0000000000000000"
+    target = BillingTarget(customer="cus_1", meter_event_name="calls")
+    hashes = fingerprint(key)
+    table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+    first = fast_path(_speedups.FastPath, table, first_tally)
+    second = fast_path(_speedups.FastPath, table, second_tally)
+    for path, times in ((first, 3), (second, 2)):
+        for _ in range(times):
+            await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
+    assert len(first_tally) == 1
+    assert len(second_tally) == 1
+    assert first_tally.take()[0] == {target.target_id: 3}
+    assert second_tally.take()[0] == {target.target_id: 2}
+
+
+@native_only
+def test_a_cache_and_its_window_are_collected_together() -> None:
+    """The table and the tally it counts for refer to each other; the garbage collector frees both (and
+    with them the targets the table holds)."""
+    target = BillingTarget(customer="cus_gc")
+    baseline = sys.getrefcount(target)
+    table = _speedups.KeyTable()
+    tally = _speedups.Tally(10, lambda: None, lambda: None)
+    hashes = fingerprint(b"k")
+    table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+    path = fast_path(_speedups.FastPath, table, tally)  # binds the table to the tally
+    assert sys.getrefcount(target) == baseline + 1
+    del table, tally, path
+    gc.collect()
+    assert sys.getrefcount(target) == baseline

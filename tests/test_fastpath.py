@@ -257,6 +257,10 @@ def test_fast_path_leaves_refusals_and_misses_to_the_general_path(make: Any) -> 
         assert path(scope, ignore) is None
         assert "state" not in scope
     assert path({"type": "http", "headers": []}, ignore) is None
+    for kind in ("websocket", "lifespan"):  # other scope types, even with a cached key: the general path's
+        other = scope_with(KEY, type=kind)
+        assert path(other, ignore) is None
+        assert "state" not in other
     assert added == []
 
 

@@ -222,8 +222,8 @@ class PyCountingSend:
 class PyFastPath:
     """The whole request path for a cached key: ``path(scope, send)`` puts the target in the scope's state
     and returns the ``send`` to give the app (a counting one, or ``send`` itself for a route weighing 0 or
-    an excluded path), or None when the general path must judge the request (no key, a miss, a refusal,
-    Redis down while closed, a path not yet judged for exclusion)."""
+    an excluded path), or None when the general path must judge the request (not HTTP, no key, a miss, a
+    refusal, Redis down while closed, a path not yet judged for exclusion)."""
 
     __slots__ = (
         "_add",
@@ -264,6 +264,8 @@ class PyFastPath:
         self._weigh = weigh
 
     def __call__(self, scope: Scope, send: Send) -> Send | None:
+        if scope.get("type") != "http":
+            return None  # websockets and lifespan are the general path's
         if self._excluded is not None:
             # Excluded paths pass through unmetered; a path not judged yet goes to the general path, which
             # judges it once and remembers the answer in this dict.

@@ -36,6 +36,7 @@ static PyObject *str_status;
 static PyObject *str_response_start;
 static PyObject *str_headers;
 static PyObject *str_path;
+static PyObject *str_http;
 static PyObject *str_state;
 static PyObject *str_billing_target;
 static PyObject *str_admissible;
@@ -1346,8 +1347,8 @@ static PyTypeObject CountingSendType = {
 /* FastPath(entries, names, bearer, max_length, add, statuses, counter, closed, weigh, excluded): the
    whole request path for a cached key, as one call: path(scope, send) puts the target in scope["state"]
    and returns the `send` to give the app (a CountingSend, or `send` itself for a route weighing 0 or an
-   excluded path), or None when the general path must judge the request (no key, a miss, a refusal, Redis
-   down in closed mode, a path not yet judged for exclusion). */
+   excluded path), or None when the general path must judge the request (not HTTP, no key, a miss, a
+   refusal, Redis down in closed mode, a path not yet judged for exclusion). */
 typedef struct {
     PyObject_HEAD
     PyObject *entries;
@@ -1375,6 +1376,15 @@ fast_path_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
     }
     PyObject *scope = args[0], *send = args[1];
     if (!PyDict_Check(scope)) {
+        Py_RETURN_NONE;
+    }
+    /* HTTP only: websockets and lifespan are the general path's. */
+    PyObject *kind = PyDict_GetItemWithError(scope, str_type);
+    if (kind == NULL || !PyUnicode_Check(kind) ||
+        (kind != str_http && PyUnicode_Compare(kind, str_http) != 0)) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
         Py_RETURN_NONE;
     }
     if (self->excluded != Py_None) {
@@ -2006,7 +2016,8 @@ PyInit__speedups(void)
     str_admissible = PyUnicode_InternFromString("admissible");
     str_healthy = PyUnicode_InternFromString("healthy");
     str_path = PyUnicode_InternFromString("path");
-    if (str_path == NULL) {
+    str_http = PyUnicode_InternFromString("http");
+    if (str_path == NULL || str_http == NULL) {
         return NULL;
     }
     str_target_id = PyUnicode_InternFromString("target_id");

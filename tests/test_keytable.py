@@ -18,6 +18,7 @@ import pytest
 from metered_middleware import BillingTarget
 from metered_middleware._fastpath import NATIVE, PyFastPath, PyTally
 from metered_middleware._resolver import DictEntries, cache_clock, fingerprint
+from tests.test_fastpath import ignore, scope_with, tally_path
 
 TABLES: list[Any] = [pytest.param(DictEntries, id="python")]
 if NATIVE:
@@ -83,36 +84,6 @@ def test_the_compiled_table_refuses_what_a_cache_entry_cannot_be() -> None:
 
 
 # -- the window's units in the slots -------------------------------------------------------------------
-NAMES = (b"x-api-key",)
-
-
-class Health:
-    healthy = True
-
-
-def fast_path(make: Any, entries: Any, tally: Any) -> Any:
-    return make(
-        entries=entries,
-        names=NAMES,
-        bearer=True,
-        max_length=256,
-        add=tally.add,
-        statuses=frozenset({200}),
-        counter=Health(),
-        closed=False,
-        weigh=None,
-        excluded=None,
-    )
-
-
-async def ignore(message: Any) -> None:
-    """A server's send that drops what it is given."""
-
-
-def scope_with(key: bytes) -> dict[str, Any]:
-    return {"type": "http", "method": "GET", "path": "/v1/x", "headers": [(b"x-api-key", key)]}
-
-
 IMPLEMENTATIONS: list[Any] = [pytest.param((PyFastPath, DictEntries, PyTally), id="python")]
 if NATIVE:
     IMPLEMENTATIONS.append(
@@ -133,7 +104,7 @@ async def test_every_counted_unit_reaches_a_window_once_whatever_happens_to_its_
     rnd = random.Random(8)
     table = make_table()
     tally = make_tally(100_000, lambda: None, lambda: None)
-    path = fast_path(make_path, table, tally)
+    path = tally_path(make_path, table, tally)
     keys = [f"mm_live_{n:032d}".encode() for n in range(40)]
 
     def target_for(n: int, period: int) -> BillingTarget:
@@ -208,8 +179,8 @@ async def test_a_second_middleware_on_the_same_cache_counts_in_its_own_window() 
     target = BillingTarget(customer="cus_1", meter_event_name="calls")
     hashes = fingerprint(key)
     table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
-    first = fast_path(_speedups.FastPath, table, first_tally)
-    second = fast_path(_speedups.FastPath, table, second_tally)
+    first = tally_path(_speedups.FastPath, table, first_tally)
+    second = tally_path(_speedups.FastPath, table, second_tally)
     for path, times in ((first, 3), (second, 2)):
         for _ in range(times):
             await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
@@ -229,7 +200,7 @@ def test_a_cache_and_its_window_are_collected_together() -> None:
     tally = _speedups.Tally(10, lambda: None, lambda: None)
     hashes = fingerprint(b"k")
     table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
-    path = fast_path(_speedups.FastPath, table, tally)  # binds the table to the tally
+    path = tally_path(_speedups.FastPath, table, tally)  # binds the table to the tally
     assert sys.getrefcount(target) == baseline + 1
     del table, tally, path
     gc.collect()

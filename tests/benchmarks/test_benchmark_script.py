@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,8 @@ def _quick(tmp_path: Path, *extra: str) -> dict[str, object]:
     return result
 
 
-def _check(result: dict[str, object]) -> None:
+def _check(result: dict[str, object]) -> dict[str, Any]:
+    """The checks every quick run must pass; its summary."""
     summary = result["summary"]
     assert isinstance(summary, dict)
     for variant in ("bare", "metered"):
@@ -43,6 +45,7 @@ def _check(result: dict[str, object]) -> None:
     samples = result["samples"]
     assert isinstance(samples, list)
     assert all(0 <= sample["steal"] <= 1 for sample in samples)
+    return summary
 
 
 @pytest.mark.parametrize("generator", ["auto", "httpx"])
@@ -50,7 +53,17 @@ def test_quick_run_measures_both_apps_and_redis(tmp_path: Path, generator: str) 
     """A --quick run serves the bare and the metered app, all 2xx, and reports Redis work and memory."""
     if generator == "auto" and shutil.which("wrk") is None:
         generator = "httpx"  # the script says how to install wrk and falls back; both paths still run
-    _check(_quick(tmp_path, "--load-generator", generator))
+    result = _check(_quick(tmp_path, "--load-generator", generator))
+    assert result["wrk_priority"] == "normal"
+
+
+def test_wrk_runs_under_sched_fifo_where_permitted(tmp_path: Path) -> None:
+    """--wrk-priority fifo runs wrk under SCHED_FIFO where the machine allows it, and says which it got."""
+    from benchmarks import run
+
+    result = _check(_quick(tmp_path, "--wrk-priority", "fifo"))
+    fifo = shutil.which("wrk") is not None and bool(run.realtime_prefix())
+    assert result["wrk_priority"] == ("fifo" if fifo else "normal")
 
 
 def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:

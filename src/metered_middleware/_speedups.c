@@ -1204,6 +1204,29 @@ typedef struct {
     int32_t slot;
 } CountingSend;
 
+/* Count the response: in its key's slot when that still holds the target, else through the tally's dicts,
+   else through whatever `add` is. */
+static int
+counting_send_count(CountingSend *self)
+{
+    if (self->table != NULL) {
+        int in_slot = table_count((KeyTable *)self->table, self->slot, self->target, self->n);
+        if (in_slot != 0) {
+            return in_slot < 0 ? -1 : 0;
+        }
+    }
+    if (Py_IS_TYPE(self->add, &TallyType)) {
+        return tally_add((Tally *)self->add, self->target, self->units);
+    }
+    PyObject *add_args[2] = {self->target, self->units};
+    PyObject *result = PyObject_Vectorcall(self->add, add_args, 2, NULL);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 static PyObject *
 counting_send_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1229,28 +1252,8 @@ counting_send_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
                 if (counted < 0) {
                     return NULL;
                 }
-                int in_slot = 0;
-                if (counted && self->table != NULL) {
-                    in_slot = table_count((KeyTable *)self->table, self->slot, self->target, self->n);
-                    if (in_slot < 0) {
-                        return NULL;
-                    }
-                }
-                if (in_slot) {
-                    /* counted in the entry's own slot */
-                }
-                else if (counted && Py_IS_TYPE(self->add, &TallyType)) {
-                    if (tally_add((Tally *)self->add, self->target, self->units) < 0) {
-                        return NULL;
-                    }
-                }
-                else if (counted) {
-                    PyObject *add_args[2] = {self->target, self->units};
-                    PyObject *result = PyObject_Vectorcall(self->add, add_args, 2, NULL);
-                    if (result == NULL) {
-                        return NULL;
-                    }
-                    Py_DECREF(result);
+                if (counted && counting_send_count(self) < 0) {
+                    return NULL;
                 }
             }
         }

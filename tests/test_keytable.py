@@ -17,6 +17,7 @@ import pytest
 
 from metered_middleware import BillingTarget
 from metered_middleware._fastpath import NATIVE, PyFastPath, PyTally
+from metered_middleware._layout import Layout
 from metered_middleware._resolver import DictEntries, cache_clock, fingerprint
 from tests.test_fastpath import ignore, scope_with, tally_path
 
@@ -92,15 +93,19 @@ if NATIVE:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("taking", ["take", "take_lines"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 async def test_every_counted_unit_reaches_a_window_once_whatever_happens_to_its_entry(
-    implementation: Any,
+    implementation: Any, taking: str
 ) -> None:
     """Requests for 40 keys of 25 customers, counted while their entries are refreshed with new target
     objects (a new period), moved to other customers, evicted, removed, cleared and grown past the table's
     size, and windows taken in between. Every counted unit is in exactly one window, under the id of the
-    target its request was admitted with; a response that starts after its entry changed counts too."""
+    target its request was admitted with; a response that starts after its entry changed counts too.
+    Windows are taken as the two dicts (``take``) or as each shard's lines (``take_lines``, what the
+    counter uses where compiled), and each line is in its target id's shard."""
     make_path, make_table, make_tally = implementation
+    layout = Layout(shards=4)
     rnd = random.Random(8)
     table = make_table()
     tally = make_tally(100_000, lambda: None, lambda: None)
@@ -121,6 +126,13 @@ async def test_every_counted_unit_reaches_a_window_once_whatever_happens_to_its_
     in_flight: list[tuple[Any, BillingTarget]] = []
 
     def take() -> None:
+        if taking == "take_lines":
+            for shard, lines in tally.take_lines(layout.shards):
+                assert lines
+                for target, count in lines:
+                    assert layout.shard_of(target.target_id) == shard
+                    windows[target.target_id] = windows.get(target.target_id, 0) + count
+            return
         units, kept = tally.take()
         assert set(units) == set(kept)
         for target_id, count in units.items():
@@ -165,6 +177,83 @@ async def test_every_counted_unit_reaches_a_window_once_whatever_happens_to_its_
     assert tally.counted_units == sum(expected.values()) == tally.counted_requests
     assert len(tally) == 0
     assert tally.take() == ({}, {})
+    assert tally.take_lines(layout.shards) == []
+
+
+@native_only
+@pytest.mark.anyio
+async def test_a_window_taken_as_lines_holds_the_dicts_and_the_slots_each_with_its_own_target() -> None:
+    """A key counted through the dicts (its first request, on the general path) and then through its
+    slot, after the cache refreshed it into a new period: one line each, with the target each was
+    admitted under, both in the id's shard, and the next window empty."""
+    layout = Layout(shards=4)
+    table = _speedups.KeyTable()
+    tally = _speedups.Tally(100, lambda: None, lambda: None)
+    path = tally_path(_speedups.FastPath, table, tally)
+    key = b"mm_live_lines_key_00000000000000000"
+    old = BillingTarget(customer="cus_lines", meter_event_name="calls", period_start=100, period_end=200)
+    new = BillingTarget(customer="cus_lines", meter_event_name="calls", period_start=200, period_end=300)
+    tally.add(old, 2)
+    hashes = fingerprint(key)
+    table[hashes[0]] = (cache_clock() + 60, hashes[1], new)
+    for _ in range(3):
+        await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
+    shard = layout.shard_of(old.target_id)
+    [(taken_shard, lines)] = tally.take_lines(layout.shards)
+    assert taken_shard == shard
+    assert [(target.period_start, units) for target, units in lines] == [(100, 2), (200, 3)]
+    assert len(tally) == 0
+    assert tally.take_lines(layout.shards) == []
+    assert tally.counted_units == 5
+
+
+@native_only
+@pytest.mark.anyio
+async def test_taking_lines_works_out_the_shard_of_a_target_that_is_not_a_billing_target_itself() -> None:
+    """A resolver may return a subclass of BillingTarget: its slot has no shard worked out when it is
+    stored, so taking the window works it out from the target's id, and the line lands in its shard."""
+
+    class Tagged(BillingTarget):
+        pass
+
+    layout = Layout(shards=8)
+    table = _speedups.KeyTable()
+    tally = _speedups.Tally(100, lambda: None, lambda: None)
+    path = tally_path(_speedups.FastPath, table, tally)
+    targets = [Tagged(customer=f"cus_sub_{n}", meter_event_name="calls") for n in range(20)]
+    keys = [b"mm_live_sub_%027d" % n for n in range(20)]
+    for key, target in zip(keys, targets, strict=True):
+        hashes = fingerprint(key)
+        table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+        await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
+    taken = tally.take_lines(layout.shards)
+    lines = [(shard, target) for shard, shard_lines in taken for target, _ in shard_lines]
+    assert sorted(lines, key=lambda line: line[1].customer) == sorted(
+        ((layout.shard_of(t.target_id), t) for t in targets), key=lambda line: line[1].customer
+    )
+
+
+@native_only
+@pytest.mark.anyio
+async def test_taking_lines_refuses_a_bad_shard_count_and_keeps_the_window() -> None:
+    """A shard count below one is a clear error, and the window is still there to be taken."""
+    table = _speedups.KeyTable()
+    tally = _speedups.Tally(100, lambda: None, lambda: None)
+    path = tally_path(_speedups.FastPath, table, tally)
+    key = b"mm_live_bad_shards_0000000000000000"
+    target = BillingTarget(customer="cus_bad", meter_event_name="calls")
+    hashes = fingerprint(key)
+    table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+    await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
+    tally.add(BillingTarget(customer="cus_dict"), 4)
+    for shards in (0, -1):
+        with pytest.raises(ValueError, match="shards must be positive"):
+            tally.take_lines(shards)
+    with pytest.raises(TypeError):
+        tally.take_lines("4")  # type: ignore[arg-type]
+    assert len(tally) == 2
+    taken = {target.customer: units for _, lines in tally.take_lines(1) for target, units in lines}
+    assert taken == {"cus_bad": 1, "cus_dict": 4}
 
 
 @native_only

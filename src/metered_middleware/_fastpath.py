@@ -132,6 +132,10 @@ class PyTally:
         self._buffer, self._targets = {}, {}
         return taken
 
+    def take_lines(self, shards: int) -> list[tuple[int, Lines]]:
+        """The window so far, grouped by shard as ``group_by_shard`` does; the tally starts empty."""
+        return py_group_by_shard(*self.take(), shards)
+
     def __len__(self) -> int:
         return len(self._buffer)
 

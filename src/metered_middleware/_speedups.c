@@ -249,6 +249,7 @@ typedef struct {
 } Tally;
 
 static PyTypeObject TallyType;
+static uint32_t crc32_of(const char *data, Py_ssize_t length);
 static int table_take_into(PyObject *table);
 static Py_ssize_t table_pending(PyObject *table);
 static PyObject *str_target_id;
@@ -424,6 +425,8 @@ tally_add_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *tally_take_lines(PyObject *op, PyObject *arg);
+
 static PyObject *
 tally_take(PyObject *op, PyObject *unused)
 {
@@ -514,6 +517,7 @@ tally_dealloc(Tally *self)
 static PyMethodDef tally_methods[] = {
     {"add", (PyCFunction)(void (*)(void))tally_add_method, METH_FASTCALL, "add(target, units)"},
     {"take", tally_take, METH_NOARGS, "take() -> (units per target id, target per id)"},
+    {"take_lines", tally_take_lines, METH_O, "take_lines(shards) -> [(shard, [(target, units), ...]), ...]"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -566,7 +570,9 @@ typedef struct {
     uint8_t dirty;        /* listed in the table's `dirty` (until the window is taken or the table resized) */
     int32_t older, newer; /* insertion order, as slot indices (NO_SLOT at the ends) */
     int64_t units;        /* units counted through this entry in the open window, for the bound tally */
-    char padding[8];
+    uint32_t crc;         /* CRC-32 of the target's id (its shard, Layout.shard_of), when `crc_known` */
+    uint8_t crc_known;
+    char padding[3];
 } Slot;
 
 typedef struct {
@@ -823,6 +829,22 @@ table_set(KeyTable *self, PyObject *key, PyObject *value)
         return -1; /* the entry stays as it was, units and all */
     }
     PyObject *previous = slot->target;
+    slot->crc_known = 0;
+    if (exact && offset_target_id > 0) {
+        /* The shard a window's line for this entry goes to, worked out once per entry, not per window. */
+        PyObject *target_id = *(PyObject **)((char *)target + offset_target_id);
+        Py_ssize_t length;
+        const char *utf8 = target_id != NULL && PyUnicode_Check(target_id)
+                               ? PyUnicode_AsUTF8AndSize(target_id, &length)
+                               : NULL;
+        if (utf8 != NULL) {
+            slot->crc = crc32_of(utf8, length);
+            slot->crc_known = 1;
+        }
+        else {
+            PyErr_Clear(); /* take_lines works it out from the target instead */
+        }
+    }
     slot->check = (int64_t)check;
     slot->expiry = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(value, 0));
     slot->target = Py_NewRef(target);
@@ -1670,6 +1692,97 @@ crc32_of(const char *data, Py_ssize_t length)
     return c ^ 0xFFFFFFFFu;
 }
 
+/* Append the line (target, units) to its shard's list, creating the list on its first line. */
+static int
+append_line(PyObject **lists, Py_ssize_t shards, uint32_t crc, PyObject *target, PyObject *units)
+{
+    Py_ssize_t shard = (Py_ssize_t)(crc % (uint32_t)shards);
+    if (lists[shard] == NULL && (lists[shard] = PyList_New(0)) == NULL) {
+        return -1;
+    }
+    PyObject *line = PyTuple_Pack(2, target, units);
+    if (line == NULL) {
+        return -1;
+    }
+    int failed = PyList_Append(lists[shard], line);
+    Py_DECREF(line);
+    return failed;
+}
+
+/* The lines of a buffer (units per target id) and its targets (target per id) into their shards' lists. */
+static int
+group_dict_into(PyObject **lists, Py_ssize_t shards, PyObject *buffer, PyObject *targets)
+{
+    PyObject *key, *units;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(buffer, &pos, &key, &units)) {
+        if (!PyUnicode_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "group_by_shard: target ids must be str");
+            return -1;
+        }
+        Py_ssize_t length;
+        const char *utf8 = PyUnicode_AsUTF8AndSize(key, &length);
+        if (utf8 == NULL) {
+            return -1;
+        }
+        PyObject *target = PyDict_GetItemWithError(targets, key);
+        if (target == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, key);
+            }
+            return -1;
+        }
+        if (append_line(lists, shards, crc32_of(utf8, length), target, units) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* [(shard, lines), ...] for the shards that have lines, in shard order. */
+static PyObject *
+grouped_result(PyObject **lists, Py_ssize_t shards)
+{
+    PyObject *result = PyList_New(0);
+    for (Py_ssize_t shard = 0; result != NULL && shard < shards; shard++) {
+        if (lists[shard] == NULL) {
+            continue;
+        }
+        PyObject *pair = Py_BuildValue("(nO)", shard, lists[shard]);
+        if (pair == NULL || PyList_Append(result, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_CLEAR(result);
+        }
+        else {
+            Py_DECREF(pair);
+        }
+    }
+    return result;
+}
+
+static void
+free_lists(PyObject **lists, Py_ssize_t shards)
+{
+    for (Py_ssize_t shard = 0; shard < shards; shard++) {
+        Py_XDECREF(lists[shard]);
+    }
+    PyMem_Free(lists);
+}
+
+static Py_ssize_t
+shard_count(PyObject *value)
+{
+    Py_ssize_t shards = PyLong_AsSsize_t(value);
+    if (shards == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (shards <= 0) {
+        PyErr_SetString(PyExc_ValueError, "group_by_shard: shards must be positive");
+        return -1;
+    }
+    return shards;
+}
+
 /* group_by_shard(buffer, targets, shards): [(shard, [(target, units), ...]), ...] by shard, each shard's
    lines in the buffer's order. `buffer` is units per target id, `targets` the target per id (Tally.take). */
 static PyObject *
@@ -1679,71 +1792,124 @@ group_by_shard(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "group_by_shard(buffer: dict, targets: dict, shards: int)");
         return NULL;
     }
-    PyObject *buffer = args[0], *targets = args[1];
-    Py_ssize_t shards = PyLong_AsSsize_t(args[2]);
-    if (shards == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (shards <= 0) {
-        PyErr_SetString(PyExc_ValueError, "group_by_shard: shards must be positive");
+    Py_ssize_t shards = shard_count(args[2]);
+    if (shards < 0) {
         return NULL;
     }
     PyObject **lists = PyMem_Calloc((size_t)shards, sizeof(PyObject *));
     if (lists == NULL) {
         return PyErr_NoMemory();
     }
-    PyObject *result = NULL, *key, *units;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(buffer, &pos, &key, &units)) {
-        if (!PyUnicode_Check(key)) {
-            PyErr_SetString(PyExc_TypeError, "group_by_shard: target ids must be str");
-            goto done;
+    PyObject *result = group_dict_into(lists, shards, args[0], args[1]) < 0 ? NULL : grouped_result(lists, shards);
+    free_lists(lists, shards);
+    return result;
+}
+
+/* Tally.take_lines(shards): the window taken and grouped in one pass, as group_by_shard(*take(), shards)
+   would give it, without moving the slots' units through the tally's dicts first (with 1,000 keys that
+   move was the largest part of a window's CPU: three dict writes a line, in dicts that grow as they
+   fill). The dicts' lines come first, then the slots', each with its entry's target; an id counted both
+   ways has a line in each (the count script adds both).
+
+   A slot whose target's shard is not known yet (a target that is not a BillingTarget itself) has it
+   worked out first, which may run Python code. Then the lines are built and the window handed over with
+   the collector paused, so no Python code runs in between (a finalizer cannot count into, or change, what
+   is being taken), and an error while building leaves the window where it was. */
+static PyObject *
+tally_take_lines(PyObject *op, PyObject *arg)
+{
+    Tally *self = (Tally *)op;
+    Py_ssize_t shards = shard_count(arg);
+    if (shards < 0) {
+        return NULL;
+    }
+    KeyTable *table = (KeyTable *)self->table;
+    for (Py_ssize_t k = 0; table != NULL && k < table->dirty_count; k++) { /* re-read: Python code may run */
+        Slot *slot = &table->slots[table->dirty[k]];
+        if (slot->state != SLOT_USED || slot->units == 0 || slot->crc_known) {
+            continue;
         }
+        PyObject *target = Py_NewRef(slot->target);
+        PyObject *target_id = target_attr(target, offset_target_id, str_target_id);
         Py_ssize_t length;
-        const char *utf8 = PyUnicode_AsUTF8AndSize(key, &length);
+        const char *utf8 = target_id != NULL && PyUnicode_Check(target_id)
+                               ? PyUnicode_AsUTF8AndSize(target_id, &length)
+                               : NULL;
         if (utf8 == NULL) {
-            goto done;
-        }
-        PyObject *target = PyDict_GetItemWithError(targets, key);
-        if (target == NULL) {
             if (!PyErr_Occurred()) {
-                PyErr_SetObject(PyExc_KeyError, key);
+                PyErr_SetString(PyExc_TypeError, "take_lines: target_id must be str");
             }
+            Py_XDECREF(target_id);
+            Py_DECREF(target);
+            return NULL;
+        }
+        uint32_t crc = crc32_of(utf8, length);
+        Py_DECREF(target_id);
+        /* Python code ran: the slot is filled in only if it still holds that target. */
+        slot = &table->slots[table->dirty[k]];
+        if (slot->state == SLOT_USED && slot->target == target) {
+            slot->crc = crc;
+            slot->crc_known = 1;
+        }
+        Py_DECREF(target);
+    }
+    PyObject **lists = PyMem_Calloc((size_t)shards, sizeof(PyObject *));
+    if (lists == NULL) {
+        return PyErr_NoMemory();
+    }
+    int collecting = PyGC_Disable(), again = 0;
+    PyObject *result = NULL, *buffer = NULL, *targets = NULL;
+    if (group_dict_into(lists, shards, self->buffer, self->targets) < 0) {
+        goto done;
+    }
+    Py_ssize_t count = table != NULL ? table->dirty_count : 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Slot *slot = &table->slots[table->dirty[k]];
+        if (slot->state != SLOT_USED || slot->units == 0) {
+            continue;
+        }
+        if (!slot->crc_known) {
+            again = 1; /* Python code above changed the table: work out the shards again */
             goto done;
         }
-        Py_ssize_t shard = (Py_ssize_t)(crc32_of(utf8, length) % (uint32_t)shards);
-        if (lists[shard] == NULL && (lists[shard] = PyList_New(0)) == NULL) {
+        PyObject *units = PyLong_FromLongLong(slot->units);
+        if (units == NULL) {
             goto done;
         }
-        PyObject *line = PyTuple_Pack(2, target, units);
-        if (line == NULL) {
-            goto done;
-        }
-        int failed = PyList_Append(lists[shard], line);
-        Py_DECREF(line);
+        int failed = append_line(lists, shards, slot->crc, slot->target, units);
+        Py_DECREF(units);
         if (failed) {
             goto done;
         }
     }
-    result = PyList_New(0);
-    for (Py_ssize_t shard = 0; result != NULL && shard < shards; shard++) {
-        if (lists[shard] == NULL) {
-            continue;
-        }
-        PyObject *pair = Py_BuildValue("(nO)", shard, lists[shard]);
-        if (pair == NULL || PyList_Append(result, pair) < 0) {
-            Py_XDECREF(pair);
-            Py_CLEAR(result);
-            break;
-        }
-        Py_DECREF(pair);
+    if ((result = grouped_result(lists, shards)) == NULL || (buffer = PyDict_New()) == NULL ||
+        (targets = PyDict_New()) == NULL) {
+        Py_CLEAR(result);
+        goto done;
     }
+    /* Every line is built: the window is handed over. */
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Slot *slot = &table->slots[table->dirty[k]];
+        if (slot->state == SLOT_USED && slot->units != 0) {
+            slot->units = 0;
+            table->pending -= 1;
+        }
+        slot->dirty = 0;
+    }
+    if (table != NULL) {
+        table->dirty_count = 0;
+    }
+    Py_SETREF(self->buffer, buffer);
+    Py_SETREF(self->targets, targets);
+    buffer = targets = NULL;
 done:
-    for (Py_ssize_t shard = 0; shard < shards; shard++) {
-        Py_XDECREF(lists[shard]);
+    if (collecting) {
+        PyGC_Enable();
     }
-    PyMem_Free(lists);
-    return result;
+    Py_XDECREF(buffer);
+    Py_XDECREF(targets);
+    free_lists(lists, shards);
+    return again ? tally_take_lines(op, arg) : result;
 }
 
 typedef struct {

@@ -209,9 +209,10 @@ async def test_a_window_taken_as_lines_holds_the_dicts_and_the_slots_each_with_i
 
 @native_only
 @pytest.mark.anyio
-async def test_taking_lines_works_out_the_shard_of_a_target_that_is_not_a_billing_target_itself() -> None:
-    """A resolver may return a subclass of BillingTarget: its slot has no shard worked out when it is
-    stored, so taking the window works it out from the target's id, and the line lands in its shard."""
+async def test_a_subclass_target_is_counted_through_the_dicts_and_taken_in_its_shard() -> None:
+    """A resolver may return a subclass of BillingTarget. Its entry's slot does not take units (its fields
+    are not read at fixed offsets), so its requests count through the tally's dicts, and their lines are
+    taken in their ids' shards like any others."""
 
     class Tagged(BillingTarget):
         pass
@@ -227,10 +228,42 @@ async def test_taking_lines_works_out_the_shard_of_a_target_that_is_not_a_billin
         table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
         await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
     taken = tally.take_lines(layout.shards)
-    lines = [(shard, target) for shard, shard_lines in taken for target, _ in shard_lines]
-    assert sorted(lines, key=lambda line: line[1].customer) == sorted(
-        ((layout.shard_of(t.target_id), t) for t in targets), key=lambda line: line[1].customer
+    lines = sorted(
+        ((shard, target.customer, units) for shard, shard_lines in taken for target, units in shard_lines),
+        key=lambda line: line[1],
     )
+    expected = sorted(
+        ((layout.shard_of(t.target_id), t.customer, 1) for t in targets), key=lambda line: line[1]
+    )
+    assert lines == expected
+    assert all(type(target) is Tagged for _, shard_lines in taken for target, _ in shard_lines)
+
+
+@native_only
+@pytest.mark.anyio
+async def test_taking_lines_refuses_a_slot_whose_target_id_is_not_text_and_keeps_the_window() -> None:
+    """A target whose id was replaced by something that is not a str (no BillingTarget has one) is a clear
+    error when the window is taken, and every unit stays in the window until the id is text again."""
+    layout = Layout(shards=4)
+    table = _speedups.KeyTable()
+    tally = _speedups.Tally(100, lambda: None, lambda: None)
+    path = tally_path(_speedups.FastPath, table, tally)
+    target = BillingTarget(customer="cus_odd", meter_event_name="calls")
+    good_id = target.target_id
+    object.__setattr__(target, "target_id", 42)  # before it is stored: its slot cannot work out its shard
+    key = b"mm_live_odd_id_00000000000000000000"
+    hashes = fingerprint(key)
+    table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+    for _ in range(3):
+        await path(scope_with(key), ignore)({"type": "http.response.start", "status": 200})
+    tally.add(BillingTarget(customer="cus_fine", meter_event_name="calls"), 2)
+    with pytest.raises(TypeError, match="target_id must be str"):
+        tally.take_lines(layout.shards)
+    assert len(tally) == 2
+    object.__setattr__(target, "target_id", good_id)
+    taken = {t.customer: units for _, lines in tally.take_lines(layout.shards) for t, units in lines}
+    assert taken == {"cus_odd": 3, "cus_fine": 2}
+    assert len(tally) == 0
 
 
 @native_only

@@ -842,7 +842,7 @@ table_set(KeyTable *self, PyObject *key, PyObject *value)
             slot->crc_known = 1;
         }
         else {
-            PyErr_Clear(); /* take_lines works it out from the target instead */
+            PyErr_Clear(); /* take_lines tries again, and says what is wrong */
         }
     }
     slot->check = (int64_t)check;
@@ -1805,16 +1805,41 @@ group_by_shard(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* The shard hash of a slot's target: kept in the slot, or (should storing it have failed) read from the
+   target id. Only a BillingTarget itself counts into a slot, so this reads its field and runs no Python. */
+static int
+slot_crc(Slot *slot, uint32_t *crc)
+{
+    if (slot->crc_known) {
+        *crc = slot->crc;
+        return 0;
+    }
+    PyObject *target_id = slot->exact && offset_target_id > 0
+                              ? *(PyObject **)((char *)slot->target + offset_target_id)
+                              : NULL;
+    Py_ssize_t length;
+    const char *utf8 = target_id != NULL && PyUnicode_Check(target_id)
+                           ? PyUnicode_AsUTF8AndSize(target_id, &length)
+                           : NULL;
+    if (utf8 == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "take_lines: target_id must be str");
+        }
+        return -1;
+    }
+    *crc = crc32_of(utf8, length);
+    return 0;
+}
+
 /* Tally.take_lines(shards): the window taken and grouped in one pass, as group_by_shard(*take(), shards)
    would give it, without moving the slots' units through the tally's dicts first (with 1,000 keys that
    move was the largest part of a window's CPU: three dict writes a line, in dicts that grow as they
    fill). The dicts' lines come first, then the slots', each with its entry's target; an id counted both
    ways has a line in each (the count script adds both).
 
-   A slot whose target's shard is not known yet (a target that is not a BillingTarget itself) has it
-   worked out first, which may run Python code. Then the lines are built and the window handed over with
-   the collector paused, so no Python code runs in between (a finalizer cannot count into, or change, what
-   is being taken), and an error while building leaves the window where it was. */
+   The lines are built, and the window handed over, with the collector paused: no finalizer (no Python code
+   at all) runs in between to count into, or change, what is being taken. An error while building leaves
+   the window where it was. */
 static PyObject *
 tally_take_lines(PyObject *op, PyObject *arg)
 {
@@ -1823,60 +1848,31 @@ tally_take_lines(PyObject *op, PyObject *arg)
     if (shards < 0) {
         return NULL;
     }
-    KeyTable *table = (KeyTable *)self->table;
-    for (Py_ssize_t k = 0; table != NULL && k < table->dirty_count; k++) { /* re-read: Python code may run */
-        Slot *slot = &table->slots[table->dirty[k]];
-        if (slot->state != SLOT_USED || slot->units == 0 || slot->crc_known) {
-            continue;
-        }
-        PyObject *target = Py_NewRef(slot->target);
-        PyObject *target_id = target_attr(target, offset_target_id, str_target_id);
-        Py_ssize_t length;
-        const char *utf8 = target_id != NULL && PyUnicode_Check(target_id)
-                               ? PyUnicode_AsUTF8AndSize(target_id, &length)
-                               : NULL;
-        if (utf8 == NULL) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_TypeError, "take_lines: target_id must be str");
-            }
-            Py_XDECREF(target_id);
-            Py_DECREF(target);
-            return NULL;
-        }
-        uint32_t crc = crc32_of(utf8, length);
-        Py_DECREF(target_id);
-        /* Python code ran: the slot is filled in only if it still holds that target. */
-        slot = &table->slots[table->dirty[k]];
-        if (slot->state == SLOT_USED && slot->target == target) {
-            slot->crc = crc;
-            slot->crc_known = 1;
-        }
-        Py_DECREF(target);
-    }
     PyObject **lists = PyMem_Calloc((size_t)shards, sizeof(PyObject *));
     if (lists == NULL) {
         return PyErr_NoMemory();
     }
-    int collecting = PyGC_Disable(), again = 0;
+    int collecting = PyGC_Disable();
     PyObject *result = NULL, *buffer = NULL, *targets = NULL;
     if (group_dict_into(lists, shards, self->buffer, self->targets) < 0) {
         goto done;
     }
+    KeyTable *table = (KeyTable *)self->table;
     Py_ssize_t count = table != NULL ? table->dirty_count : 0;
     for (Py_ssize_t k = 0; k < count; k++) {
         Slot *slot = &table->slots[table->dirty[k]];
         if (slot->state != SLOT_USED || slot->units == 0) {
             continue;
         }
-        if (!slot->crc_known) {
-            again = 1; /* Python code above changed the table: work out the shards again */
+        uint32_t crc;
+        if (slot_crc(slot, &crc) < 0) {
             goto done;
         }
         PyObject *units = PyLong_FromLongLong(slot->units);
         if (units == NULL) {
             goto done;
         }
-        int failed = append_line(lists, shards, slot->crc, slot->target, units);
+        int failed = append_line(lists, shards, crc, slot->target, units);
         Py_DECREF(units);
         if (failed) {
             goto done;
@@ -1909,7 +1905,7 @@ done:
     Py_XDECREF(buffer);
     Py_XDECREF(targets);
     free_lists(lists, shards);
-    return again ? tally_take_lines(op, arg) : result;
+    return result;
 }
 
 typedef struct {

@@ -104,6 +104,13 @@ class Sample:
     key_lookups: int = 0
     # The share of the machine's CPU time the hypervisor took during the run (see ``machine_ticks``).
     steal: float = 0.0
+    # Redis's own CPU time (user + system, ``INFO cpu``) over the run: it shares the load core with wrk.
+    redis_cpu_seconds: float = 0.0
+
+    @property
+    def redis_us_per_request(self) -> float:
+        """Redis CPU microseconds per request (count scripts, the flusher's claims, everything)."""
+        return self.redis_cpu_seconds / self.load.requests * 1e6 if self.load.requests else 0.0
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -415,6 +422,12 @@ def command_counts(client: redis.Redis) -> dict[str, int]:
     return counts
 
 
+def redis_cpu(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far (user + system), from ``INFO cpu``."""
+    stats = client.info("cpu")
+    return float(stats["used_cpu_user"]) + float(stats["used_cpu_sys"])
+
+
 def key_lookups(url: str) -> int:
     """Keys the metered app's resolver has looked up in Redis so far (``/health/lookups``)."""
     return int(httpx.get(f"{url}/health/lookups", timeout=10).json()["lookups"])
@@ -610,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     spy = start_profile(proc.pid, out, args.duration)
                 lookups_before = key_lookups(url) if variant == "metered" else 0
                 before = command_counts(stats)
+                redis_before = redis_cpu(stats)
                 cpu_before = process_cpu(proc.pid)
                 worker_before = process_cpu(worker.pid) if worker is not None else 0.0
                 ticks_before = machine_ticks()
@@ -617,16 +631,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steal = steal_share(ticks_before, machine_ticks())
                 cpu = process_cpu(proc.pid) - cpu_before
                 worker_cpu = process_cpu(worker.pid) - worker_before if worker is not None else 0.0
+                redis_seconds = redis_cpu(stats) - redis_before
                 commands = delta(before, command_counts(stats))
                 lookups = key_lookups(url) - lookups_before if variant == "metered" else 0
                 if spy is not None:
                     spy.wait()
-            sample = Sample(variant, n, load, commands, cpu, lookups, steal)
+            sample = Sample(variant, n, load, commands, cpu, lookups, steal, redis_seconds)
             print(
                 f"round {n} {variant:7} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
                 f"p99 {load.p99_ms:6.2f} ms  CPU {sample.cpu_us_per_request:5.1f} us/req "
                 f"busy {sample.busy:4.0%}  "
-                f"non-2xx {load.non2xx}  socket errors {load.socket_errors}  steal {steal:5.1%}"
+                f"non-2xx {load.non2xx}  socket errors {load.socket_errors}  steal {steal:5.1%}  "
+                f"Redis {sample.redis_us_per_request:4.1f} us/req"
                 + (f"  flusher worker busy {worker_cpu / load.seconds:4.0%}" if worker_cpu else ""),
                 flush=True,
             )
@@ -686,6 +702,7 @@ def _sample_dict(sample: Sample) -> dict[str, Any]:
         "cpu_us_per_request": sample.cpu_us_per_request,
         "busy": sample.busy,
         "steal": sample.steal,
+        "redis_us_per_request": sample.redis_us_per_request,
     }
 
 
@@ -711,6 +728,7 @@ def summarize(
             "p99_ms": median([x.p99_ms for x in mine]),
             "cpu_us_per_request": median([s.cpu_us_per_request for s in samples if s.variant == variant]),
             "busy": median([s.busy for s in samples if s.variant == variant]),
+            "redis_us_per_request": median([s.redis_us_per_request for s in samples if s.variant == variant]),
         }
     bare, metered = out["bare"], out["metered"]
     out["ratio"] = {
@@ -776,7 +794,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print()
     print(
         f"Redis per metered request: {per['commands']:.4f} commands (script internals included), "
-        f"{per['count_scripts']:.5f} count scripts, {per['key_lookups']:.5f} key lookups"
+        f"{per['count_scripts']:.5f} count scripts, {per['key_lookups']:.5f} key lookups, "
+        f"{metered['redis_us_per_request']:.1f} us of Redis CPU on the load core "
+        f"(bare: {bare['redis_us_per_request']:.1f})"
     )
     print("  " + ", ".join(f"{name} {value:.5f}" for name, value in per["by_command"].items()))
     memory = summary["memory_bytes_per_key_period"]

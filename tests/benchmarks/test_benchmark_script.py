@@ -45,6 +45,9 @@ def _check(result: dict[str, object]) -> dict[str, Any]:
     samples = result["samples"]
     assert isinstance(samples, list)
     assert all(0 <= sample["steal"] <= 1 for sample in samples)
+    # Redis's CPU over each run is a difference of two INFO readings: never negative, and in the summary.
+    assert all(sample["redis_us_per_request"] >= 0 for sample in samples)
+    assert summary["metered"]["redis_us_per_request"] >= 0
     return summary
 
 

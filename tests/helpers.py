@@ -62,9 +62,10 @@ async def pending_totals(client: aioredis.Redis, layout: Layout) -> dict[str, in
     """Pending units per target id across all shards."""
     out: dict[str, int] = {}
     for shard in range(layout.shards):
-        for field, value in (await client.hgetall(layout.pending(shard))).items():
-            key = field.decode() if isinstance(field, bytes) else field
-            out[key] = out.get(key, 0) + int(value)
+        for name in layout.pending_keys(shard):
+            for field, value in (await client.hgetall(name)).items():
+                key = field.decode() if isinstance(field, bytes) else field
+                out[key] = out.get(key, 0) + int(value)
     return out
 
 

@@ -49,7 +49,7 @@ async def test_a_retried_write_is_applied_once(redis_client: aioredis.Redis) -> 
     later = CountWrite(write.shard, "w1", 2, [(A, 4)])
     await store.apply([later])
     assert await pending_totals(redis_client, layout) == {A.target_id: 7}
-    ttl = await redis_client.ttl(layout.usage(write.shard, NOW - 100))
+    ttl = await redis_client.ttl(layout.target_usage_keys(A.target_id, NOW - 100)[1])
     assert 100 < ttl <= 100 + store.usage_retention  # kept past the period for reconciliation, not forever
 
 
@@ -256,8 +256,8 @@ async def test_one_write_carries_lines_of_several_periods_and_none(redis_client:
     assert await redis_client.hlen(layout.targets(0)) == 3
     again = CountWrite(0, "w1", 2, [(A, 1)])
     assert await store.apply([again]) == [True]
-    # writer, seq, one usage hash and its expiry, two line groups; unchanged metadata is not resent
-    assert len(store._keys_and_args(again)[1]) == 6
+    # writer, seq, bucket count, one period and its expiry, two line groups; unchanged metadata is not resent
+    assert len(store._keys_and_args(again)[1]) == 7
     assert await store.period_usage(A) == 4
 
 

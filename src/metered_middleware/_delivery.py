@@ -160,11 +160,11 @@ class DeliveryStore:
         """Claim up to ``max_lines`` pending targets into a new batch: (seq, claimed_at_ms, lines) or None."""
         layout = self.layout
         keys = [
-            layout.pending(shard),
             layout.targets(shard),
             layout.seq(shard),
             layout.batches(shard),
             layout.lease(shard),
+            *layout.pending_keys(shard),
         ]
         args: list[Any] = [token, layout.batch(shard, ""), max_lines]
         result = await self._call("claim", self._claim(keys=keys, args=args))
@@ -314,7 +314,8 @@ class DeliveryStore:
         before = {d.id: d for d in await self.dead_letters() if d.id in wanted}
         taken: list[DeadLetter] = []
         for s, rests in by_shard.items():
-            keys = [self.layout.dead(s), self.layout.pending(s), self.layout.targets(s)]
+            buckets = [self.layout.pending(s, b) for b in range(self.layout.buckets)]
+            keys = [self.layout.dead(s), self.layout.targets(s), *buckets]
             result = await self._call(
                 f"dead-letter {mode}",
                 self._dead_take(keys=keys, args=[mode, item, *rests]),
@@ -348,10 +349,11 @@ class DeliveryStore:
             out[state][target] = out[state].get(target, 0) + units
 
         for s in self._shards(None):
-            pending = await self._call("read", self.redis.hgetall(self.layout.pending(s)))
+            for key in self.layout.pending_keys(s):
+                pending = await self._call("read", self.redis.hgetall(key))
+                for name, value in pending.items():
+                    add("pending", _text(name), int(value))
             delivered = await self._call("read", self.redis.hgetall(self.layout.delivered(s)))
-            for name, value in pending.items():
-                add("pending", _text(name), int(value))
             for name, value in delivered.items():
                 add("delivered", _text(name), int(value))
             for seq in await self.batch_seqs(s):

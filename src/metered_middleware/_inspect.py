@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from metered_middleware._errors import StorageError
 from metered_middleware._layout import Layout
-from metered_middleware._redis import REDIS_FAILURES
+from metered_middleware._redis import REDIS_FAILURES, hash_sum
 
 __all__ = ["ShardStatus", "TargetUsage", "read_shards", "redis_time_ms", "target_usage"]
 
@@ -57,14 +57,15 @@ async def redis_time_ms(redis: aioredis.Redis) -> int:
 
 async def _read_shard(redis: aioredis.Redis, layout: Layout, shard: int, now_ms: int) -> ShardStatus:
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(layout.pending(shard))
         pipe.get(layout.pending_since(shard))
         pipe.zrange(layout.batches(shard), 0, -1, withscores=True)
         pipe.get(layout.lease(shard))
         pipe.pttl(layout.lease(shard))
         pipe.hvals(layout.dead(shard))
         pipe.hvals(layout.delivered(shard))
-        pending, since, batches, lease, lease_ttl, dead, delivered = await pipe.execute()
+        for name in layout.pending_keys(shard):
+            pipe.hvals(name)
+        since, batches, lease, lease_ttl, dead, delivered, *pending = await pipe.execute()
     claimed = 0
     if batches:
         async with redis.pipeline(transaction=False) as pipe:
@@ -72,7 +73,7 @@ async def _read_shard(redis: aioredis.Redis, layout: Layout, shard: int, now_ms:
                 pipe.hgetall(layout.batch(shard, _text(seq)))
             for raw in await pipe.execute():
                 claimed += sum(int(v) for k, v in raw.items() if _text(k).startswith("u:"))
-    pending_units = sum(int(v) for v in pending.values())
+    pending_units = sum(int(v) for values in pending for v in values)
     dead_units = sum(int(json.loads(v)["units"]) for v in dead)
     holder = _text(lease).split(":", 1)[-1] if lease else None
     return ShardStatus(
@@ -145,8 +146,8 @@ async def target_usage(
         end = meta.get("period_end") if start == meta.get("period_start") else None
         counted = 0
         if isinstance(start, int):
-            counted = int(await redis.hget(layout.usage(shard, start), target_id) or 0)
-        pending = int(await redis.hget(layout.pending(shard), target_id) or 0)
+            counted = await hash_sum(redis, layout.target_usage_keys(target_id, start), target_id)
+        pending = await hash_sum(redis, layout.target_pending_keys(target_id), target_id)
         if meta.get("period_start") != start:
             pending = 0  # pending units belong to the latest period the target was counted in
         claimed = 0

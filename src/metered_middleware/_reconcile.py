@@ -114,8 +114,12 @@ async def _previous_start(redis: aioredis.Redis, layout: Layout, target_id: str,
     shard = layout.shard_of(target_id)
     starts: list[int] = []
     async for key in redis.scan_iter(match=layout.usage(shard, 0)[:-1] + "*", count=500):
-        start = int(_text(key).rsplit(":", 1)[1])
-        if start < current and await redis.hexists(_text(key), target_id):
+        name = _text(key)
+        start = layout.usage_period(name)
+        # Only the target's own bucket (or the one hash of 0.1) can hold it: the others need no read.
+        if start is None or start >= current or name not in layout.target_usage_keys(target_id, start):
+            continue
+        if await redis.hexists(name, target_id):
             starts.append(start)
     return max(starts, default=None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -10,7 +10,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-__all__ = ["REDIS_FAILURES", "connect", "read_with_retry"]
+__all__ = ["REDIS_FAILURES", "connect", "hash_sum", "read_with_retry"]
 
 # What a Redis call can fail with. AttributeError belongs here because redis-py's asyncio cluster client
 # raises "'NoneType' object has no attribute 'writelines'" when a connection is torn down under concurrent
@@ -83,3 +83,11 @@ async def read_with_retry(read: Callable[[], Awaitable[_T]], attempts: int = 3) 
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+async def hash_sum(redis: aioredis.Redis, names: Sequence[str], field: str) -> int:
+    """One field's values in several hashes of one slot, added up, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hget(name, field)
+        return sum(int(value or 0) for value in await pipe.execute())

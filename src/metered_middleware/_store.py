@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from metered_middleware._errors import StorageError
 from metered_middleware._fastpath import NATIVE, encode_lines
 from metered_middleware._layout import Layout
-from metered_middleware._redis import REDIS_FAILURES
+from metered_middleware._redis import REDIS_FAILURES, hash_sum
 from metered_middleware._scripts import script_source
 from metered_middleware._target import BillingTarget
 
@@ -97,7 +97,8 @@ class CountStore:
         # target id -> (the target whose metadata this store last sent, when): unchanged metadata is not
         # resent every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
         self._meta_sent: dict[str, tuple[BillingTarget, float]] = {}
-        self._shard_keys: dict[int, list[str]] = {}  # each shard's four fixed key names, built once
+        self._shard_keys: dict[int, list[str]] = {}  # each shard's fixed key names, built once
+        self._usage_names: dict[tuple[int, int], list[str]] = {}  # (shard, period start) -> its bucket hashes
 
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
         if write.encoded is not None:
@@ -128,14 +129,25 @@ class CountStore:
         fixed = self._shard_keys.get(shard)
         if fixed is None:
             fixed = self._shard_keys[shard] = [
-                layout.pending(shard),
                 layout.targets(shard),
                 layout.writers(shard),
                 layout.pending_since(shard),
+                *layout.pending_keys(shard),
             ]
-        keys = [*fixed, *(layout.usage(shard, start) for start in starts)]
-        write.encoded = (keys, [write.writer, write.seq, len(expire_at), *expire_at, *blobs, *meta_args])
+        keys = [*fixed, *(key for start in starts for key in self._usage_keys(shard, start))]
+        write.encoded = (
+            keys,
+            [write.writer, write.seq, layout.buckets, len(expire_at), *expire_at, *blobs, *meta_args],
+        )
         return write.encoded
+
+    def _usage_keys(self, shard: int, start: int) -> list[str]:
+        names = self._usage_names.get((shard, start))
+        if names is None:
+            if len(self._usage_names) > 4096:
+                self._usage_names.clear()  # bounded: periods roll over, old ones are not written again
+            names = self._usage_names[(shard, start)] = self.layout.usage_keys(shard, start)
+        return names
 
     async def apply(self, writes: Sequence[CountWrite]) -> list[bool | BaseException]:
         """Send the writes in one pipeline; each result is True (applied now or before) or the error it met.
@@ -233,10 +245,13 @@ class CountStore:
         total: dict[str, int] = {}
         try:
             for s in shards:
-                raw = await self.redis.hgetall(self.layout.pending(s))
-                for field, value in raw.items():
-                    key = field.decode() if isinstance(field, bytes) else field
-                    total[key] = total.get(key, 0) + int(value)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name in self.layout.pending_keys(s):
+                        pipe.hgetall(name)
+                    for raw in await pipe.execute():
+                        for field, value in raw.items():
+                            key = field.decode() if isinstance(field, bytes) else field
+                            total[key] = total.get(key, 0) + int(value)
         except REDIS_FAILURES as exc:
             raise StorageError(f"reading pending counts failed: {exc}") from exc
         return total
@@ -245,9 +260,8 @@ class CountStore:
         """Units counted for the target in its current period (0 when it has no period)."""
         if target.period_start is None:
             return 0
-        shard = self.layout.shard_of(target.target_id)
+        names = self.layout.target_usage_keys(target.target_id, target.period_start)
         try:
-            value = await self.redis.hget(self.layout.usage(shard, target.period_start), target.target_id)
+            return await hash_sum(self.redis, names, target.target_id)
         except REDIS_FAILURES as exc:
             raise StorageError(f"reading usage failed: {exc}") from exc
-        return int(value or 0)

@@ -87,12 +87,12 @@ def test_units_missing_from_stripe_are_drift(
     """A delivered count Stripe does not hold (the ledger says more than Stripe) is negative drift."""
     targets = delivered_world(billing, [6])
     layout = billing.layout
-    shard = layout.shard_of(targets[0].target_id)
 
     async def overstate(redis: aioredis.Redis) -> None:
         # As if a count had been acknowledged without Stripe ever recording it.
         await billing.count(redis, [(targets[0], 2)])
-        await redis.hdel(layout.pending(shard), targets[0].target_id)
+        for name in layout.target_pending_keys(targets[0].target_id):
+            await redis.hdel(name, targets[0].target_id)
 
     with_redis(billing.redis_url, overstate)
     code, out = run_cli(monkeypatch, capsys, billing.env(), "reconcile", "--json")

@@ -1,4 +1,4 @@
-"""The key layout against a real Redis: each target's bucket, small hashes, 0.1's one-hash keys still read."""
+"""The key layout against a real Redis: each target's bucket, small hashes, older one-hash keys still read."""
 
 from __future__ import annotations
 
@@ -113,17 +113,17 @@ async def test_hashes_stay_small_with_a_thousand_keys_on_four_shards(redis_clien
     assert max(sizes) <= 40  # 15.6 a hash on average
 
 
-async def test_counts_stored_by_0_1_in_one_hash_a_shard_are_read_claimed_once_and_summed(
+async def test_counts_stored_in_one_hash_a_shard_by_earlier_versions_are_read_claimed_once_and_summed(
     redis_client: aioredis.Redis,
 ) -> None:
-    """After an upgrade, units in 0.1's one-hash keys are neither lost nor billed twice.
+    """After an upgrade, units in the one-hash keys of earlier versions are neither lost nor billed twice.
 
     They count in the usage view, quotas and status, and the next claim takes them into the same line as
     the units counted since, in the target's bucket.
     """
     layout = Layout("t", 1)
     a, b = target(1), target(2)
-    # What 0.1's count script left: one pending and one usage hash for the shard, and the metadata.
+    # What an earlier version's count script left: one pending and one usage hash a shard, and the metadata.
     for t, units in ((a, 5), (b, 2)):
         await redis_client.hincrby(layout.pending(0), t.target_id, units)
         await redis_client.hincrby(layout.usage(0, START), t.target_id, units)
@@ -149,14 +149,14 @@ async def test_counts_stored_by_0_1_in_one_hash_a_shard_are_read_claimed_once_an
     assert [line.meta.get("period_start") for line in batch.lines] == [START, START]
     assert await pending_totals(redis_client, layout) == {}
     assert await store.claim(0, token, 10) is None
-    # The period's usage in 0.1's hash is kept (until it expires) for reconciliation's look back.
+    # The period's usage in the old hash is kept (until it expires) for reconciliation's look back.
     assert await _previous_start(redis_client, layout, a.target_id, START + 2_592_000) == START
 
 
 async def test_a_full_batch_leaves_the_rest_pending_and_no_unit_is_claimed_twice(
     redis_client: aioredis.Redis,
 ) -> None:
-    """Claims bounded by max lines, over 0.1's hash and the buckets, take every unit exactly once."""
+    """Claims bounded by max lines, over the unbucketed hash and the buckets, take every unit exactly once."""
     layout = Layout("t", 1)
     targets = [target(n) for n in range(40)]
     for t in targets[:15]:  # some counted before the upgrade, some of those counted again after
@@ -179,7 +179,7 @@ async def test_a_full_batch_leaves_the_rest_pending_and_no_unit_is_claimed_twice
 
 
 def test_usage_hash_names_give_their_period_in_either_form() -> None:
-    """Reconciliation finds past periods from key names: bucketed, 0.1's, and nothing else."""
+    """Reconciliation finds past periods from key names: bucketed, unbucketed, and nothing else."""
     layout = Layout("mm", 4)
     assert layout.usage_period(layout.usage(2, START, 7)) == START
     assert layout.usage_period(layout.usage(2, START)) == START

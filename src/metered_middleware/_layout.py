@@ -5,10 +5,10 @@ All keys start with the namespace. Everything one shard's counting and flushing 
 
 A shard's pending counts and its usage per period are each split over ``BUCKETS`` hashes by the target id's
 SHA-1 (the count script works the bucket out itself, with ``redis.sha1hex``). Redis keeps a hash of up to 512
-fields as one flat list and scans it on every field lookup, and each counted line looks up two: one hash of
-250 targets cost Redis about 16 us a line, sixteen of 16 about 5 us, in about the same memory. The one-hash
-names of 0.1 (``...:pending``, ``...:usage:<start>``) are still read, and drained by the claim, so usage
-counted before an upgrade is neither lost nor billed twice.
+fields as one flat list and scans it on every field lookup, and a counted line is two ``HINCRBY``s: in one
+hash of 250 targets that cost Redis about 16 us a line, in sixteen of 16 about 5 us, in about the same
+memory. The unbucketed names earlier versions wrote (``...:pending``, ``...:usage:<start>``) are still read,
+and drained by the claim, so usage counted before an upgrade is neither lost nor billed twice.
 """
 
 from __future__ import annotations
@@ -54,17 +54,17 @@ class Layout:
     def pending(self, shard: int, bucket: int | None = None) -> str:
         """Hash: target id -> units counted and not yet claimed by a flusher, for one bucket of the shard.
 
-        Without a bucket: the shard's one pending hash of 0.1, which the claim still drains.
+        Without a bucket: the shard's unbucketed hash of earlier versions, which the claim still drains.
         """
         name = f"{self.tag(shard)}:pending"
         return name if bucket is None else f"{name}:{bucket}"
 
     def pending_keys(self, shard: int) -> list[str]:
-        """Every hash that can hold a shard's pending units: the 0.1 one, then the buckets in order."""
+        """Every hash that can hold a shard's pending units: the unbucketed one, then the buckets in order."""
         return [self.pending(shard), *(self.pending(shard, b) for b in range(self.buckets))]
 
     def target_pending_keys(self, target_id: str) -> list[str]:
-        """The hashes that can hold one target's pending units (the 0.1 one and its bucket)."""
+        """The hashes that can hold one target's pending units (the unbucketed one and its bucket)."""
         shard = self.shard_of(target_id)
         return [self.pending(shard), self.pending(shard, self.bucket_of(target_id))]
 
@@ -79,7 +79,7 @@ class Layout:
     def usage(self, shard: int, period_start: int, bucket: int | None = None) -> str:
         """Hash: target id -> units counted in the period starting at ``period_start``; expires after it.
 
-        One per bucket; without a bucket, the shard's one usage hash of 0.1 for the period.
+        One per bucket; without a bucket, the unbucketed hash earlier versions wrote for the period.
         """
         name = f"{self.tag(shard)}:usage:{period_start}"
         return name if bucket is None else f"{name}:{bucket}"
@@ -89,7 +89,7 @@ class Layout:
         return [self.usage(shard, period_start, b) for b in range(self.buckets)]
 
     def target_usage_keys(self, target_id: str, period_start: int) -> list[str]:
-        """The hashes that can hold one target's usage for a period (the 0.1 one and its bucket)."""
+        """The hashes that can hold one target's usage for a period (the unbucketed one and its bucket)."""
         shard = self.shard_of(target_id)
         return [self.usage(shard, period_start), self.usage(shard, period_start, self.bucket_of(target_id))]
 

@@ -1,6 +1,6 @@
 -- Move pending counts into a new immutable, numbered batch (fenced by the lease).
--- KEYS[1] targets, KEYS[2] seq, KEYS[3] batches, KEYS[4] lease, KEYS[5..] the shard's pending hashes (the one
--- of 0.1, then the buckets)
+-- KEYS[1] targets, KEYS[2] seq, KEYS[3] batches, KEYS[4] lease, KEYS[5..] the shard's pending hashes (the
+-- unbucketed one of earlier versions, then the buckets)
 -- ARGV[1] lease token, ARGV[2] batch key prefix (same hash tag as KEYS, so the batch stays in the shard's slot),
 -- ARGV[3] most lines a batch takes.
 -- Returns {seq, claimed_at_ms, lines}, 0 when nothing is pending, -1 when the caller does not hold the lease.
@@ -10,7 +10,7 @@ if redis.call('GET', KEYS[4]) ~= ARGV[1] then
   return -1
 end
 local max = tonumber(ARGV[3])
--- A target is in one bucket, and also in the 0.1 hash when it was counted before an upgrade: its line is
+-- A target is in one bucket, and also in the unbucketed hash when it was counted before an upgrade: its line is
 -- the sum. A hash is taken whole (DEL) or, where the batch fills up, field by field; what is left stays
 -- pending for the next claim.
 local units, order = {}, {}

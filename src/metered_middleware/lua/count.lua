@@ -1,6 +1,6 @@
 -- Apply one coalesced count write for a shard, exactly once per (writer, seq).
 -- KEYS[1] targets hash, KEYS[2] writers hash, KEYS[3] pending-since time,
--- KEYS[4..4+B] the pending hashes: the shard's one hash of 0.1 (only read), then its B buckets,
+-- KEYS[4..4+B] the pending hashes: the unbucketed one of earlier versions (only read), then its B buckets,
 -- KEYS[5+B..4+B+U*B] the per-period usage hashes, B buckets for each of the U periods in turn
 -- ARGV[1] writer id, ARGV[2] seq (a retried write repeats it), ARGV[3] B, ARGV[4] U,
 -- ARGV[5..4+U] when each period's usage hashes expire (its end plus the retention),

@@ -268,6 +268,30 @@ def test_control_characters_are_refused_in_target_fields() -> None:
             BillingTarget(customer=bad)
 
 
+async def test_a_window_is_packed_byte_for_byte_as_its_commands(redis_client: aioredis.Redis) -> None:
+    """The pipeline's packing, with key names packed once per list, sends exactly the EVALSHAs it means."""
+    from metered_middleware._store import pack_commands
+
+    layout = Layout("t", 2)
+    store = CountStore(redis_client, layout)
+    later = BillingTarget(customer="cus_b", period_start=NOW + 100, period_end=NOW + 200)
+    shard_a, shard_later = layout.shard_of(A.target_id), layout.shard_of(later.target_id)
+    writes = [
+        CountWrite(shard_a, "w1", 1, [(A, 3)]),
+        CountWrite(shard_later, "w2", 1, [(later, 2)]),
+        CountWrite(shard_a, "w3", 1, [(A, 1)]),
+    ]
+    for _ in range(2):  # the second time from the cache of packed names
+        expected = []
+        for write in writes:
+            keys, args = store._keys_and_args(write)
+            expected.append(("EVALSHA", store._count.sha, len(keys), *keys, *args))
+        assert store._pack(writes) == pack_commands(expected)
+    assert await store.apply(writes) == [True, True, True]
+    assert await store.period_usage(A) == 4
+    assert await store.period_usage(later) == 2
+
+
 def test_count_writes_are_packed_as_redis_py_packs_them() -> None:
     """The store's own packer writes the very bytes redis-py's connection would for the same commands."""
     from redis.asyncio.connection import Connection

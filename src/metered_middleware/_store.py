@@ -49,18 +49,25 @@ def _meta_key(target: BillingTarget) -> tuple[str | None, int | None, int | None
     return (target.subscription, target.period_start, target.period_end, target.test_clock)
 
 
+def pack_arguments(args: Iterable[str | int | bytes]) -> bytes:
+    """Arguments as the bulk strings of Redis's wire protocol (RESP), without the array header."""
+    out: list[bytes] = []
+    append = out.append
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        # Header, data and CRLF apart: a line blob (kilobytes) is then copied once, by the join.
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
+    return b"".join(out)
+
+
 def pack_commands(commands: Sequence[Sequence[str | int | bytes]]) -> bytes:
     """Commands in Redis's wire protocol (RESP arrays of bulk strings), the bytes redis-py would send.
 
     redis-py's packer costs a few microseconds of Python per argument; a count write has a dozen.
     """
-    out: list[bytes] = []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+    return b"".join(b"*%d\r\n%b" % (len(command), pack_arguments(command)) for command in commands)
 
 
 @dataclass(slots=True)
@@ -99,6 +106,7 @@ class CountStore:
         self._meta_sent: dict[str, tuple[BillingTarget, float]] = {}
         self._shard_keys: dict[int, list[str]] = {}  # each shard's fixed key names, built once
         self._usage_names: dict[tuple[int, int], list[str]] = {}  # (shard, period start) -> its bucket hashes
+        self._packed_names: dict[tuple[str, ...], bytes] = {}  # a write's key names, packed (see `_pack`)
 
     def _keys_and_args(self, write: CountWrite) -> tuple[list[str], list[Any]]:
         if write.encoded is not None:
@@ -178,16 +186,35 @@ class CountStore:
             raise StorageError(f"count write failed: {exc}") from exc
         return [r if isinstance(r, BaseException) else True for r in results]
 
+    def _pack(self, writes: Sequence[CountWrite]) -> bytes:
+        """The writes' EVALSHAs in Redis's protocol, as ``pack_commands`` would pack them.
+
+        A write names 37 keys (the bucketed hashes), the same few lists window after window: their packed
+        bytes are kept per list, which saves most of packing a window (4 writes: ~120 -> ~45 us).
+        """
+        parts: list[bytes] = []
+        cache = self._packed_names
+        for write in writes:
+            keys, args = self._keys_and_args(write)
+            names = tuple(keys)
+            packed = cache.get(names)
+            if packed is None:
+                if len(cache) >= 1024:
+                    cache.clear()  # bounded: lists change only as periods roll over
+                packed = cache[names] = pack_arguments(keys)
+            parts.append(b"*%d\r\n" % (3 + len(keys) + len(args)))
+            parts.append(pack_arguments(("EVALSHA", self._count.sha, len(keys))))
+            parts.append(packed)
+            parts.append(pack_arguments(args))
+        return b"".join(parts)
+
     async def _pipeline(self, writes: Sequence[CountWrite]) -> list[Any]:
         # The writes go out as one packed send on a pooled connection, their replies read in order: what
         # redis-py's Pipeline does, without its bookkeeping (SCRIPT EXISTS for registered scripts, fieldset
         # preparation, response callbacks) and with the one thing it lacks here: redis-py 8's pipeline does
         # not retry a connection Redis has closed (a restart, an idle timeout), which cost a failed window,
         # an error log and, in closed mode, refused requests until the next try.
-        commands = []
-        for write in writes:
-            keys, args = self._keys_and_args(write)
-            commands.append(("EVALSHA", self._count.sha, len(keys), *keys, *args))
+        payload = self._pack(writes)
         pool = self.redis.connection_pool
         for attempt in (1, 2):
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -198,9 +225,9 @@ class CountStore:
                 # each send (a fifth of a window's CPU). A hung Redis still fails the write in `timeout`.
                 connection.socket_timeout = None
                 async with asyncio.timeout(timeout):
-                    await connection.send_packed_command(pack_commands(commands))
+                    await connection.send_packed_command(payload)
                     results: list[Any] = []
-                    for _ in commands:
+                    for _ in writes:
                         try:
                             results.append(await connection.read_response())
                         except ResponseError as exc:  # a script error or NOSCRIPT: this write's own answer

@@ -116,7 +116,7 @@ async def _previous_start(redis: aioredis.Redis, layout: Layout, target_id: str,
     async for key in redis.scan_iter(match=layout.usage(shard, 0)[:-1] + "*", count=500):
         name = _text(key)
         start = layout.usage_period(name)
-        # Only the target's own bucket (or the one hash of 0.1) can hold it: the others need no read.
+        # Only the target's own bucket (or the unbucketed hash of earlier versions) can hold it.
         if start is None or start >= current or name not in layout.target_usage_keys(target_id, start):
             continue
         if await redis.hexists(name, target_id):

@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 from metered_middleware import BillingTarget, KeyRegistry, MeteringMiddleware
 from metered_middleware._delivery import DeliveryStore
 from metered_middleware._flusher import Flusher
-from metered_middleware._inspect import read_shards
+from metered_middleware._inspect import read_shards, target_usage
 from metered_middleware._layout import Layout
+from metered_middleware._store import CountStore
 from metered_middleware.testing.cluster import LocalCluster
 from metered_middleware.testing.emulator import StripeEmulator
 from tests.helpers import make_app, pending_totals
@@ -43,6 +44,10 @@ async def test_shards_spread_over_masters_and_count_exactly(
     assert metered.counter.stats.write_errors == 0
     assert await pending_totals(cluster_client, layout) == {t.target_id: 4 for t in targets}
     assert sum(s.pending_units for s in await read_shards(cluster_client, layout)) == 64
+    # Usage reads add a target's bucket and the unbucketed hash in one pipeline, on the target's master.
+    store = CountStore(cluster_client, layout)
+    assert [await store.period_usage(t) for t in targets] == [4] * 16
+    assert (await target_usage(cluster_client, layout, targets[0].target_id)).counted == 4
 
 
 async def _app_instance(url: str, keys: list[str], clients: int, requests: int) -> int:

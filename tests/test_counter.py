@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -266,6 +269,35 @@ def test_control_characters_are_refused_in_target_fields() -> None:
     for bad in ("cus_a\n", "cus\ta", "cus_\x00"):
         with pytest.raises(ValueError, match="control characters"):
             BillingTarget(customer=bad)
+
+
+async def test_metadata_goes_out_once_then_again_after_the_resend_interval(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's per-target metadata is sent once, not every window; sent again after META_RESEND
+    (should Redis have lost it); and sent at once when it changes (a new period)."""
+    from metered_middleware import _store
+
+    monkeypatch.setattr(_store, "META_RESEND", 0.3)
+    layout = Layout("t", 1)
+    store = CountStore(redis_client, layout)
+    seq = iter(range(1, 100))
+
+    async def write(target: BillingTarget) -> dict[str, Any] | None:
+        assert await store.apply([CountWrite(0, "w", next(seq), [(target, 1)])]) == [True]
+        raw = await redis_client.hget(layout.targets(0), target.target_id)
+        return json.loads(raw) if raw else None
+
+    assert (await write(A) or {}).get("period_start") == A.period_start
+    await redis_client.hdel(layout.targets(0), A.target_id)  # as if Redis had lost it
+    assert await write(A) is None  # the same object, sent a moment ago
+    assert await write(dataclasses.replace(A)) is None  # an equal one (the key cache refreshed)
+    await asyncio.sleep(0.35)
+    assert (await write(A) or {}).get("period_start") == A.period_start  # sent again
+    later = dataclasses.replace(A, period_start=NOW + 100, period_end=NOW + 200)
+    assert (await write(later) or {}).get("period_start") == NOW + 100  # changed: sent at once
+    assert await store.period_usage(A) == 4
+    assert await store.period_usage(later) == 1
 
 
 async def test_a_window_is_packed_byte_for_byte_as_its_commands(redis_client: aioredis.Redis) -> None:

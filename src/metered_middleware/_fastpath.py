@@ -159,8 +159,7 @@ def py_group_by_shard(
 def py_encode_lines(
     lines: Lines,
     retention: int,
-    sent: dict[str, tuple[BillingTarget, float]],
-    fresh_after: float,
+    sent: dict[str, BillingTarget],
     decide: Callable[[BillingTarget], str | None],
 ) -> Encoded:
     """One count write's script arguments: (period starts, their expiries, line blobs, metadata args).
@@ -168,8 +167,8 @@ def py_encode_lines(
     A line whose target has both period bounds goes to its period's blob (``blobs[i + 1]`` for
     ``starts[i]``, periods in the order first seen, each expiring at its latest end plus ``retention``);
     the others to ``blobs[0]``. Each line is ``target_id\tunits\n``. A target whose ``sent`` entry is
-    (the same object, a time after ``fresh_after``) needs no metadata; for any other, ``decide(target)``
-    returns its metadata (appended to the metadata args after its id) or None.
+    the very same object needs no metadata (the caller keeps there only what it sent recently); for any
+    other, ``decide(target)`` returns its metadata (appended to the metadata args after its id) or None.
     """
     index_of: dict[int, int] = {}
     starts: list[int] = []
@@ -190,8 +189,7 @@ def py_encode_lines(
             elif end + retention > expire_at[slot - 1]:
                 expire_at[slot - 1] = end + retention
         groups[slot].append(f"{target_id}\t{units}\n")
-        last = sent.get(target_id)
-        if last is None or last[0] is not target or last[1] <= fresh_after:
+        if sent.get(target_id) is not target:
             meta = decide(target)
             if meta is not None:
                 meta_args += (target_id, meta)
@@ -300,10 +298,7 @@ NATIVE: bool
 FastPath: type[PyFastPath] | type[_speedups.FastPath]
 Tally: type[PyTally] | type[_speedups.Tally]
 group_by_shard: Callable[[dict[str, int], dict[str, BillingTarget], int], list[tuple[int, Lines]]]
-encode_lines: Callable[
-    [Lines, int, dict[str, tuple[BillingTarget, float]], float, Callable[[BillingTarget], str | None]],
-    Encoded,
-]
+encode_lines: Callable[[Lines, int, dict[str, BillingTarget], Callable[[BillingTarget], str | None]], Encoded]
 _PURE: Final = os.environ.get("METERED_PURE_PYTHON", "") not in ("", "0")
 
 try:

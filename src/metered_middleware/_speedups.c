@@ -1970,27 +1970,23 @@ text_append_line(Text *text, PyObject *target_id, PyObject *units)
     return text_append(text, at, end - at);
 }
 
-/* encode_lines(lines, retention, sent, fresh_after, decide) -> (starts, expire_at, blobs, meta_args): one
+/* encode_lines(lines, retention, sent, decide) -> (starts, expire_at, blobs, meta_args): one
    count write's script arguments (CountStore._keys_and_args). `lines` is [(target, units)]; lines whose
    target has both period bounds go to their period's blob (blobs[i + 1] for starts[i], first seen
    first; each period's expiry is the latest end + retention), the others to blobs[0]. A target whose
-   `sent` entry is (the same object, a time after fresh_after) needs no metadata; for any other,
-   decide(target) returns its metadata JSON (appended to meta_args after its id) or None. */
+   `sent` entry is the very same object needs no metadata (the caller keeps there only what it sent
+   recently); for any other, decide(target) returns its metadata JSON (appended to meta_args after its
+   id) or None. */
 static PyObject *
 encode_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "encode_lines(lines: list, retention: int, sent: dict, fresh_after: float, decide)");
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_lines(lines: list, retention: int, sent: dict, decide)");
         return NULL;
     }
-    PyObject *lines = args[0], *sent = args[2], *decide = args[4];
+    PyObject *lines = args[0], *sent = args[2], *decide = args[3];
     long long retention = PyLong_AsLongLong(args[1]);
     if (retention == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    double fresh_after = PyFloat_AsDouble(args[3]);
-    if (fresh_after == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
     PyObject *result = NULL, *index_of = PyDict_New(), *starts = PyList_New(0), *meta_args = PyList_New(0);
@@ -2078,20 +2074,13 @@ encode_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (text_append_line(&texts[slot], target_id, units) < 0) {
             goto next;
         }
-        int needed = 1;
-        PyObject *last = PyDict_GetItemWithError(sent, target_id); /* borrowed: read before decide() */
+        /* The entry is the very target whose metadata was sent, recently: a pointer compare, no read of
+           the entry (each read there was a cache miss a line, with the caches cold as in a busy server). */
+        PyObject *last = PyDict_GetItemWithError(sent, target_id); /* borrowed */
         if (last == NULL && PyErr_Occurred()) {
             goto next;
         }
-        if (last != NULL && PyTuple_Check(last) && PyTuple_GET_SIZE(last) == 2 &&
-            PyTuple_GET_ITEM(last, 0) == target) {
-            double when = PyFloat_AsDouble(PyTuple_GET_ITEM(last, 1));
-            if (when == -1.0 && PyErr_Occurred()) {
-                goto next;
-            }
-            needed = when <= fresh_after;
-        }
-        if (needed) {
+        if (last != target) {
             PyObject *meta = PyObject_CallOneArg(decide, target);
             if (meta == NULL) {
                 goto next;

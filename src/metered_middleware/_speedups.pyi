@@ -22,8 +22,7 @@ def group_by_shard(
 def encode_lines(
     lines: list[tuple[BillingTarget, int]],
     retention: int,
-    sent: dict[str, tuple[BillingTarget, float]],
-    fresh_after: float,
+    sent: dict[str, BillingTarget],
     decide: Callable[[BillingTarget], str | None],
     /,
 ) -> tuple[list[int], list[int], list[bytes], list[str]]: ...

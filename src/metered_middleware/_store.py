@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -101,9 +102,14 @@ class CountStore:
         self.layout = layout
         self.usage_retention = usage_retention
         self._count = redis.register_script(script_source("count"))
-        # target id -> (the target whose metadata this store last sent, when): unchanged metadata is not
-        # resent every window, which would cost a JSON encoding, its bytes on the wire and an HSET per line.
-        self._meta_sent: dict[str, tuple[BillingTarget, float]] = {}
+        # target id -> the target whose metadata this store sent in the last META_RESEND seconds (or an
+        # equal one since): unchanged metadata is not resent every window, which would cost a JSON encoding,
+        # its bytes on the wire and an HSET per line. The encoder checks an entry by identity alone, so
+        # when each was sent is kept apart (a cold read a line less): the send times, and a queue of them
+        # in order, from which entries older than META_RESEND are dropped, to be sent again.
+        self._meta_sent: dict[str, BillingTarget] = {}
+        self._meta_sent_at: dict[str, float] = {}
+        self._meta_queue: deque[tuple[float, str]] = deque()
         self._shard_keys: dict[int, list[str]] = {}  # each shard's fixed key names, built once
         self._usage_names: dict[tuple[int, int], list[str]] = {}  # (shard, period start) -> its bucket hashes
         self._packed_names: dict[tuple[str, ...], bytes] = {}  # a write's key names, packed (see `_pack`)
@@ -113,27 +119,25 @@ class CountStore:
             return write.encoded
         layout = self.layout
         shard = write.shard
-        sent = self._meta_sent
-        if len(sent) > 1_000_000:
-            sent.clear()  # bounded: at worst every target's metadata is sent once more
+        sent, sent_at, queue = self._meta_sent, self._meta_sent_at, self._meta_queue
         now = time.monotonic()
-        fresh_after = now - META_RESEND
+        self._forget_metadata_sent_before(now - META_RESEND)
 
         def decide(target: BillingTarget) -> str | None:
-            # Called for a target that is not the very object last sent recently (encode_lines checks
-            # that). A new object with the same metadata (the cache refreshed the key) is remembered
-            # instead, so the identity check answers for it from the next window on.
-            last = sent.get(target.target_id)
-            if last is not None and last[1] > fresh_after and _meta_key(last[0]) == _meta_key(target):
-                sent[target.target_id] = (target, last[1])
+            # Called for a target that is not the very object sent recently (encode_lines checks that). A
+            # new object with the same metadata (the cache refreshed the key) is remembered instead, under
+            # the first one's send time, so the identity check answers for it from the next window on.
+            target_id = target.target_id
+            last = sent.get(target_id)
+            sent[target_id] = target
+            if last is not None and _meta_key(last) == _meta_key(target):
                 return None
-            sent[target.target_id] = (target, now)
+            sent_at[target_id] = now
+            queue.append((now, target_id))
             return target_metadata(target)
 
         # One blob argument per usage hash ("target\tunits\n" a line; blob 0: lines without a period).
-        starts, expire_at, blobs, meta_args = encode_lines(
-            write.lines, self.usage_retention, sent, fresh_after, decide
-        )
+        starts, expire_at, blobs, meta_args = encode_lines(write.lines, self.usage_retention, sent, decide)
         fixed = self._shard_keys.get(shard)
         if fixed is None:
             fixed = self._shard_keys[shard] = [
@@ -148,6 +152,20 @@ class CountStore:
             [write.writer, write.seq, layout.buckets, len(expire_at), *expire_at, *blobs, *meta_args],
         )
         return write.encoded
+
+    def _forget_metadata_sent_before(self, cutoff: float) -> None:
+        """Drop what was sent before ``cutoff`` (each target's metadata is sent again at its next line)."""
+        sent, sent_at, queue = self._meta_sent, self._meta_sent_at, self._meta_queue
+        if len(sent) > 1_000_000 or len(queue) > 2_000_000:
+            # Bounded: at worst every target's metadata is sent once more.
+            sent.clear()
+            sent_at.clear()
+            queue.clear()
+        while queue and queue[0][0] <= cutoff:
+            when, target_id = queue.popleft()
+            if sent_at.get(target_id) == when:  # not sent again since (then a later entry is queued)
+                del sent_at[target_id]
+                sent.pop(target_id, None)
 
     def _usage_keys(self, shard: int, start: int) -> list[str]:
         names = self._usage_names.get((shard, start))

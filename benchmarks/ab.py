@@ -2,6 +2,7 @@
 
     python benchmarks/ab.py create_bare create_metered            # 5 rounds of 5 s, 32 connections each
     python benchmarks/ab.py create_bare mymodule:factory --rounds 8
+    python benchmarks/ab.py create_metered create_metered --b-path ../old/src   # two versions of the package
 
 ``run.py`` alternates bare and metered, so anything else the machine does between two runs (another
 tenant on the host, a noisy neighbour core) lands on one variant and not the other: on a shared machine
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -52,6 +54,14 @@ def result(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return data
 
 
+def with_path(env: dict[str, str], path: str) -> dict[str, str]:
+    """``env`` with ``path`` first on PYTHONPATH (ahead of the installed package), or as it is."""
+    if not path:
+        return env
+    rest = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(path).resolve()), rest) if p)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison and print each round and the medians; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -66,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=1000, help="API keys, rotated per request (1000)")
     parser.add_argument("--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW (0.05 s)")
     parser.add_argument("--app-cpus", default="0", help="the core both servers share (default 0)")
+    for side in ("a", "b"):
+        parser.add_argument(
+            f"--{side}-path",
+            default="",
+            help=f"put this first on {side}'s PYTHONPATH: another checkout's src (with its extension built) "
+            "serves that version of the package, to compare two versions side by side",
+        )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print(f"wrk is not installed; install it with: {run.WRK_INSTALL}", file=sys.stderr)
@@ -93,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in range(1, args.rounds + 1):
             with contextlib.ExitStack() as stack:
                 port_a, port_b = free_port(), free_port()
-                a = stack.enter_context(run.server(args.a, port_a, env, workers=1, cpus=args.app_cpus))
-                b = stack.enter_context(run.server(args.b, port_b, env, workers=1, cpus=args.app_cpus))
+                env_a, env_b = (with_path(env, args.a_path), with_path(env, args.b_path))
+                a = stack.enter_context(run.server(args.a, port_a, env_a, workers=1, cpus=args.app_cpus))
+                b = stack.enter_context(run.server(args.b, port_b, env_b, workers=1, cpus=args.app_cpus))
                 urls = (f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}")
 
                 def both(seconds: int, urls: tuple[str, str] = urls) -> list[dict[str, Any]]:

@@ -90,6 +90,30 @@ def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:
     assert "cost ratio a/b, median" in proc.stdout
 
 
+def test_ab_script_serves_a_variant_from_the_path_it_is_given(tmp_path: Path) -> None:
+    """--b-path puts a directory first on b's import path (how two versions are compared side by side):
+    here b's factory lives only there, so the run works only if the path reached b's server."""
+    (tmp_path / "elsewhere_app.py").write_text(
+        "from benchmarks.app import create_bare\n\ndef create():\n    return create_bare()\n"
+    )
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "create_bare", "elsewhere_app:create"]
+    quick = ["--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "5"]
+    proc = subprocess.run(
+        [*command, "--b-path", str(tmp_path), *quick],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if shutil.which("wrk") is None:
+        assert proc.returncode == 2
+        assert "apt-get install -y wrk" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cost ratio a/b, median" in proc.stdout
+
+
 def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None:
     """The steal column reads /proc/stat's eighth field over the run, as a share of all its ticks."""
     sys.path.insert(0, str(ROOT))

@@ -69,11 +69,11 @@ def test_wrk_runs_under_sched_fifo_where_permitted(tmp_path: Path) -> None:
     assert result["wrk_priority"] == ("fifo" if fifo else "normal")
 
 
-def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:
-    """benchmarks/ab.py serves both variants together and prints their cost ratio (or how to get wrk)."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "create_bare", "create_metered"]
+def run_ab(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """One quick round of benchmarks/ab.py; None when wrk is missing and it said how to install it."""
+    quick = ["--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "20"]
     proc = subprocess.run(
-        [*command, "--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "20"],
+        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), *args, *quick],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,11 +83,18 @@ def test_ab_script_compares_two_variants_served_at_once(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         assert proc.returncode == 2
         assert "apt-get install -y wrk" in proc.stderr
-        return
+        return None
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "round 1: a " in proc.stdout
-    assert "| steal " in proc.stdout
-    assert "cost ratio a/b, median" in proc.stdout
+    return proc
+
+
+def test_ab_script_compares_two_variants_served_at_once() -> None:
+    """benchmarks/ab.py serves both variants together and prints their cost ratio (or how to get wrk)."""
+    proc = run_ab("create_bare", "create_metered")
+    if proc is not None:
+        assert "round 1: a " in proc.stdout
+        assert "| steal " in proc.stdout
+        assert "cost ratio a/b, median" in proc.stdout
 
 
 def test_ab_script_serves_a_variant_from_the_path_it_is_given(tmp_path: Path) -> None:
@@ -96,22 +103,9 @@ def test_ab_script_serves_a_variant_from_the_path_it_is_given(tmp_path: Path) ->
     (tmp_path / "elsewhere_app.py").write_text(
         "from benchmarks.app import create_bare\n\ndef create():\n    return create_bare()\n"
     )
-    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "create_bare", "elsewhere_app:create"]
-    quick = ["--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "5"]
-    proc = subprocess.run(
-        [*command, "--b-path", str(tmp_path), *quick],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    if shutil.which("wrk") is None:
-        assert proc.returncode == 2
-        assert "apt-get install -y wrk" in proc.stderr
-        return
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "cost ratio a/b, median" in proc.stdout
+    proc = run_ab("create_bare", "elsewhere_app:create", "--b-path", str(tmp_path))
+    if proc is not None:
+        assert "cost ratio a/b, median" in proc.stdout
 
 
 def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None:

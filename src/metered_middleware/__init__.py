@@ -9,7 +9,7 @@ from metered_middleware._config import RouteWeight, Settings
 from metered_middleware._counter import Counter, CounterStats
 from metered_middleware._delivery import DeadLetter, DeliveryStore, LeaseLostError
 from metered_middleware._delivery_config import DeliverySettings
-from metered_middleware._errors import ConfigurationError, MeteringError, StorageError
+from metered_middleware._errors import ConfigurationError, LayoutMismatchError, MeteringError, StorageError
 from metered_middleware._flusher import Flusher, FlushReport
 from metered_middleware._inspect import ShardStatus, TargetUsage, read_shards, target_usage
 from metered_middleware._keys import generate_key, hash_key
@@ -47,6 +47,7 @@ __all__ = [
     "KeyRedactingFilter",
     "KeyRegistry",
     "Layout",
+    "LayoutMismatchError",
     "LeaseLostError",
     "MeteringError",
     "MeteringMiddleware",

@@ -20,8 +20,9 @@ import anyio
 
 from metered_middleware._delivery import DeadLetter, DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
-from metered_middleware._errors import MeteringError
+from metered_middleware._errors import LayoutMismatchError, MeteringError
 from metered_middleware._flusher import Checkpoint, Flusher
+from metered_middleware._guard import LayoutGuard
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
 
@@ -87,6 +88,23 @@ def flush_command(args: argparse.Namespace) -> int:
 async def _flush(
     settings: DeliverySettings, once: bool, checkpoint: Checkpoint | None, **flusher_kwargs: Any
 ) -> int:
+    try:
+        return await _flush_loop(settings, once, checkpoint, **flusher_kwargs)
+    except BaseExceptionGroup as group:
+        # A layout mismatch found by a pass (when Redis was down at start) ends the command like one found
+        # at start: the error's message and exit 2, not a traceback.
+        found = group.subgroup(LayoutMismatchError)
+        if found is None:
+            raise
+        leaf: BaseException = found
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+async def _flush_loop(
+    settings: DeliverySettings, once: bool, checkpoint: Checkpoint | None, **flusher_kwargs: Any
+) -> int:
     flusher = Flusher(settings, checkpoint=checkpoint, **flusher_kwargs)
     async with flusher, anyio.create_task_group() as tg:
         work = anyio.CancelScope()
@@ -145,7 +163,9 @@ def _describe(entry: DeadLetter) -> dict[str, Any]:
 async def _dead_letter(settings: DeliverySettings, args: argparse.Namespace) -> int:
     redis = connect(settings.redis_url)
     try:
-        store = DeliveryStore(redis, Layout(settings.namespace, settings.shards))
+        layout = Layout(settings.namespace, settings.shards)
+        await LayoutGuard(redis, layout).check(record=False)
+        store = DeliveryStore(redis, layout)
         entries = await store.dead_letters()
         if args.dead_letter_action == "list":
             for entry in entries:
@@ -210,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.checkpoint = _failpoint_from_env()
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except MeteringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from metered_middleware._config import Settings
 from metered_middleware._errors import MeteringError
+from metered_middleware._guard import LayoutGuard
 from metered_middleware._inspect import ShardStatus, TargetUsage, read_shards, target_usage
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
@@ -58,6 +59,8 @@ def add_parsers(subparsers: Any) -> None:
 async def _with_redis(settings: Settings, action: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
     client = connect(settings.redis_url)
     try:
+        # Read under another shard count, every figure would be someone else's (or nobody's): refused.
+        await LayoutGuard(client, Layout(settings.namespace, settings.shards)).check(record=False)
         return await action(client)
     finally:
         await client.aclose()

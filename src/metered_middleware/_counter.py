@@ -163,8 +163,8 @@ class Counter:
             self._outbox = await self._take_buffer()
         try:
             results = await self.store.apply(self._outbox)
-        except StorageError:
-            self._mark_unhealthy()
+        except StorageError as exc:
+            self._mark_unhealthy(exc)
             raise
         failed = [w for w, r in zip(self._outbox, results, strict=True) if r is not True]
         stats = self._stats
@@ -174,9 +174,10 @@ class Counter:
                 stats.writes += 1
         if failed:
             self._outbox = failed
-            self._mark_unhealthy()
             errors = [r for r in results if r is not True]
-            raise StorageError(f"count write refused: {errors[0]}")
+            error = StorageError(f"count write refused: {errors[0]}")
+            self._mark_unhealthy(error)
+            raise error
         self._outbox = None
         self._acked_gen = self._outbox_gen
         if not self.healthy:
@@ -211,11 +212,12 @@ class Counter:
         self._taking = None
         return writes
 
-    def _mark_unhealthy(self) -> None:
+    def _mark_unhealthy(self, error: StorageError) -> None:
         self.stats.write_errors += 1
         if self.healthy:
             log.error(
-                "Redis refused count writes; %d units kept in process until it returns",
+                "count writes failed (%s); %d units kept in process until they succeed",
+                error,
                 self.stats.buffered_units,
             )
         self.healthy = False

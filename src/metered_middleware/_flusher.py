@@ -29,7 +29,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metered_middleware._delivery import Batch, BatchLine, DeliveryStore, LeaseLostError, Stamp, line_key
 from metered_middleware._delivery_config import DeliverySettings
-from metered_middleware._errors import StorageError
+from metered_middleware._errors import LayoutMismatchError, StorageError
+from metered_middleware._guard import LayoutGuard
 from metered_middleware._layout import Layout
 from metered_middleware._limits import KeyedLocks, TokenBucket, backoff_delay
 from metered_middleware._redis import connect
@@ -208,6 +209,14 @@ class Flusher:
         if self._sink is None:
             self._sink = make_sink(self.settings, self._client)
         self.store = DeliveryStore(self._redis, self.layout)
+        self._guard = LayoutGuard(self._redis, self.layout)
+        try:
+            await self._guard.check()
+        except LayoutMismatchError:
+            await self.aclose()
+            raise
+        except StorageError as exc:
+            logger.warning("could not check the namespace's layout (%s); checking before the first pass", exc)
         return self
 
     async def __aexit__(
@@ -275,6 +284,13 @@ class Flusher:
         crashed flusher's lease expires first); a shard still held is reported in ``skipped_shards``.
         """
         report = FlushReport()
+        try:
+            # A flusher of another shard count would claim none of the recorded shards' pending units.
+            await self._guard.check()
+        except StorageError as exc:
+            logger.warning("shards skipped: %s; retrying next pass", exc)
+            report.skipped_shards.extend(range(self.layout.shards))
+            return report
         self._clock_cache.clear()
         wait = self.settings.lease_ttl + 1 if lease_wait is None else lease_wait
         async with anyio.create_task_group() as tg:

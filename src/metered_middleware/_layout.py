@@ -133,6 +133,11 @@ class Layout:
         """Hash: target id -> units Stripe acknowledged (for usage views and reconciliation)."""
         return f"{self.tag(shard)}:delivered"
 
+    # -- the layout itself (not sharded) ----------------------------------------------------------------
+    def record(self) -> str:
+        """String: the namespace's shard and bucket counts as JSON, set by the first writer or flusher."""
+        return f"{self.namespace}:layout"
+
     # -- key registry (not sharded: looked up by key hash) ---------------------------------------------------
     def key(self, key_hash: str) -> str:
         """Hash: one API key's registry entry, addressed by the key's SHA-256."""

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metered_middleware._config import Settings, SettingsOverrides
 from metered_middleware._counter import Counter
-from metered_middleware._errors import StorageError
+from metered_middleware._errors import LayoutMismatchError, StorageError
 from metered_middleware._fastpath import FastPath
 from metered_middleware._keys import KeyError_, extract_key
 from metered_middleware._layout import Layout
@@ -160,7 +160,7 @@ class MeteringMiddleware:
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
-            await self.app(scope, self._watch_lifespan(receive), send)
+            await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -287,15 +287,42 @@ class MeteringMiddleware:
 
         await self.app(scope, receive, metered_send)
 
-    # -- lifespan: passed through untouched; on shutdown, buffered counts are written first --------------
-    def _watch_lifespan(self, receive: Receive) -> Receive:
+    # -- lifespan: passed through; startup fails on a layout mismatch; on shutdown, counts are written first -
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        first = await receive()
+        if first["type"] == "lifespan.startup":
+            problem = await self._layout_problem()
+            if problem is not None:
+                # Fail the deployment, not its requests: the server exits before serving with the wrong
+                # shard count (the count writes would refuse it anyway, and keep the units in memory).
+                log.error("not starting: %s", problem)
+                await send({"type": "lifespan.startup.failed", "message": problem})
+                return
+        replayed = False
+
         async def watched() -> Message:
-            message = await receive()
+            nonlocal replayed
+            if replayed:
+                message = await receive()
+            else:
+                message, replayed = first, True
             if message["type"] == "lifespan.shutdown":
                 await self.aclose()
             return message
 
-        return watched
+        await self.app(scope, watched, send)
+
+    async def _layout_problem(self) -> str | None:
+        """Why this app must not start (its shard count is not the namespace's), or None."""
+        try:
+            await self.store.guard.check()
+        except LayoutMismatchError as exc:
+            return str(exc)
+        except StorageError as exc:
+            # Redis down at startup is an outage like any other, not a reason to stay down: the first count
+            # write checks again before writing anything.
+            log.warning("could not check the namespace's layout at startup: %s", exc)
+        return None
 
     async def flush(self) -> None:
         """Write every buffered count to Redis now (raises ``StorageError`` if Redis refuses)."""

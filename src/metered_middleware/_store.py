@@ -17,8 +17,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from metered_middleware._errors import StorageError
+from metered_middleware._errors import LayoutMismatchError, StorageError
 from metered_middleware._fastpath import NATIVE, encode_lines
+from metered_middleware._guard import LayoutGuard
 from metered_middleware._layout import Layout
 from metered_middleware._redis import REDIS_FAILURES, hash_sum
 from metered_middleware._scripts import script_source
@@ -102,6 +103,7 @@ class CountStore:
         self.layout = layout
         self.usage_retention = usage_retention
         self._count = redis.register_script(script_source("count"))
+        self.guard = LayoutGuard(redis, layout)
         # target id -> the target whose metadata this store sent in the last META_RESEND seconds (or an
         # equal one since): unchanged metadata is not resent every window, which would cost a JSON encoding,
         # its bytes on the wire and an HSET per line. The encoder checks an entry by identity alone, so
@@ -182,6 +184,16 @@ class CountStore:
         """
         if not writes:
             return []
+        try:
+            # Once per store, before its first write (and again after a failure): never a unit counted into
+            # a shard that the namespace's flushers do not read.
+            await self.guard.check()
+        except LayoutMismatchError as exc:
+            # Not Redis's fault, but handled as a refused write all the same: the units stay in process,
+            # the counter reports them and, in closed mode, requests are refused until the setting is fixed.
+            raise StorageError(str(exc)) from exc
+        except StorageError as exc:
+            raise StorageError(f"count write failed: {exc}") from exc
         for write in writes:
             if write.encoded is None:
                 self._keys_and_args(write)  # kept on the write: a retry resends exactly these bytes

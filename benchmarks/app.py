@@ -31,7 +31,7 @@ from metered_middleware import MeteringMiddleware
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._flusher import Flusher
 
-__all__ = ["FAMILIES", "METER_EVENT_NAME", "create_bare", "create_metered"]
+__all__ = ["FAMILIES", "METER_EVENT_NAME", "HeaderOnly", "create_bare", "create_floor", "create_metered"]
 
 METER_EVENT_NAME: Final = "font_api_requests"
 # A handful of families with the metadata a font API answers with; the responses are a few hundred bytes.
@@ -120,6 +120,32 @@ def create_bare() -> Starlette:
     """The app alone."""
     _gc_stats("bare")
     return Starlette(routes=ROUTES)
+
+
+class HeaderOnly:
+    """The floor the benchmark issue names: a pure ASGI middleware that only reads the key header.
+
+    It does what every metering middleware must before anything else (scan the request's headers for the
+    key) and nothing more: no lookup, no counting. Metered against it, the difference is metering's own.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                # The benchmark's requests carry `Authorization: Bearer <key>`.
+                if name == b"authorization" and value[:7].lower() == b"bearer ":
+                    scope.setdefault("state", {})["api_key_length"] = len(value) - 7
+                    break
+        await self.app(scope, receive, send)
+
+
+def create_floor() -> HeaderOnly:
+    """The app behind ``HeaderOnly``: the floor a metering middleware approaches."""
+    _gc_stats("floor")
+    return HeaderOnly(Starlette(routes=ROUTES))
 
 
 def delivery_settings(environ: Mapping[str, str]) -> DeliverySettings:

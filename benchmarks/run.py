@@ -535,6 +535,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steal-retries", type=int, default=2, help="at most this many more tries per round (default 2)"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also serve, each round, the app behind a middleware that only reads the key header (the "
+        "floor the issue names), and print floor/bare and metered/floor",
+    )
     parser.add_argument("--json", type=Path, help="also write every sample and the summary here")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 2 keys, 1 s, 1 round")
     args = parser.parse_args(argv)
@@ -608,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def measure(n: int, variant: str) -> Sample:
             port = free_port()
-            factory = "create_bare" if variant == "bare" else "create_metered"
+            factory = f"create_{variant}"
             worker_env = env if variant == "metered" else {**env, "MM_BENCH_FLUSHER": "none"}
             with (
                 flusher_worker(worker_env, cpus=load_cpus) as worker,
@@ -648,12 +654,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return sample
 
+        # With --floor, each round also serves the app behind a middleware that only reads the key header
+        # (benchmarks.app.HeaderOnly): how much of metered/bare on this machine, today, is any middleware's.
+        variants = ("bare", "floor", "metered") if args.floor else ("bare", "metered")
         samples: list[Sample] = []
         measured: list[Sample] = []  # every try, kept or not: a failed response in any fails the run
         for n in range(1, args.rounds + 1):
             tries: list[list[Sample]] = []
             while True:
-                tries.append([measure(n, variant) for variant in ("bare", "metered")])
+                tries.append([measure(n, variant) for variant in variants])
                 worst = max(s.steal for s in tries[-1])
                 if worst <= args.max_steal or len(tries) > args.steal_retries:
                     break
@@ -720,8 +729,10 @@ def summarize(
         "window": args.window,
         "wrk_priority": getattr(args, "wrk_priority_used", "normal"),
     }
-    for variant in ("bare", "metered"):
+    for variant in ("bare", "floor", "metered"):
         mine = [s.load for s in samples if s.variant == variant]
+        if not mine:
+            continue
         out[variant] = {
             "rps": median([x.rps for x in mine]),
             "p50_ms": median([x.p50_ms for x in mine]),
@@ -738,8 +749,17 @@ def summarize(
     by_round: dict[int, dict[str, Load]] = {}
     for s in samples:
         by_round.setdefault(s.round, {})[s.variant] = s.load
-    pairs = [r for r in by_round.values() if len(r) == 2 and r["bare"].rps]
+    pairs = [r for r in by_round.values() if "metered" in r and r.get("bare") and r["bare"].rps]
     out["paired_rps_ratio"] = median([r["metered"].rps / r["bare"].rps for r in pairs])
+    if "floor" in out:
+        floor = out["floor"]
+        out["floor_ratio"] = {
+            key: floor[key] / bare[key] if bare[key] else 0.0 for key in ("rps", "p50_ms", "p99_ms")
+        }
+        out["paired_floor_ratio"] = median([r["floor"].rps / r["bare"].rps for r in pairs if "floor" in r])
+        out["paired_metered_over_floor"] = median(
+            [r["metered"].rps / r["floor"].rps for r in pairs if "floor" in r and r["floor"].rps]
+        )
     metered_samples = [s for s in samples if s.variant == "metered"]
     requests = sum(s.load.requests for s in metered_samples) or 1
     totals: dict[str, int] = {}
@@ -778,7 +798,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"| bare | {bare['rps']:.0f} | {bare['p50_ms']:.2f} | {bare['p99_ms']:.2f} |")
     print(f"| metered | {metered['rps']:.0f} | {metered['p50_ms']:.2f} | {metered['p99_ms']:.2f} |")
     print(f"| metered / bare | {ratio['rps']:.3f} | {ratio['p50_ms']:.2f} | {ratio['p99_ms']:.2f} |")
+    if "floor" in summary:
+        floor, floor_ratio = summary["floor"], summary["floor_ratio"]
+        print(
+            f"| floor (key header read only) | {floor['rps']:.0f} | {floor['p50_ms']:.2f} | "
+            f"{floor['p99_ms']:.2f} |"
+        )
+        print(
+            f"| floor / bare | {floor_ratio['rps']:.3f} | {floor_ratio['p50_ms']:.2f} | "
+            f"{floor_ratio['p99_ms']:.2f} |"
+        )
     print(f"median of the rounds' own metered/bare throughput ratios: {summary['paired_rps_ratio']:.3f}")
+    if "floor" in summary:
+        print(
+            f"median of the rounds' own floor/bare ratios: {summary['paired_floor_ratio']:.3f}; "
+            f"metered/floor: {summary['paired_metered_over_floor']:.3f}; server CPU per request, floor "
+            f"{summary['floor']['cpu_us_per_request']:.1f} us"
+        )
     print(
         f"server CPU per request: bare {bare['cpu_us_per_request']:.1f} us (busy {bare['busy']:.0%}), "
         f"metered {metered['cpu_us_per_request']:.1f} us (busy {metered['busy']:.0%}): metering costs "
@@ -856,9 +892,9 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 def least_stolen(tries: Sequence[Sequence[Sample]]) -> int:
-    """Of a round's tries (a bare and a metered sample each), the index of the one whose worse run lost
-    least to steal (the first of equals). The pair is kept whole, so the round's own metered/bare ratio
-    still compares neighbouring runs."""
+    """Of a round's tries (a bare and a metered sample each, and a floor one with --floor), the index of the
+    one whose worst run lost least to steal (the first of equals). A try is kept whole, so the round's own
+    ratios still compare neighbouring runs."""
     return min(range(len(tries)), key=lambda n: max(s.steal for s in tries[n]))
 
 

@@ -60,6 +60,43 @@ def test_quick_run_measures_both_apps_and_redis(tmp_path: Path, generator: str) 
     assert result["wrk_priority"] == "normal"
 
 
+def test_quick_run_with_the_floor_serves_the_header_only_middleware_too(tmp_path: Path) -> None:
+    """--floor serves, each round, the app behind a middleware that only reads the key header, and prints
+    the ratios against it."""
+    result = _quick(tmp_path, "--load-generator", "httpx", "--floor")
+    summary = _check(result)
+    samples = result["samples"]
+    assert isinstance(samples, list)
+    assert [sample["variant"] for sample in samples] == ["bare", "floor", "metered"]
+    assert summary["floor"]["rps"] > 0
+    assert summary["paired_floor_ratio"] > 0
+    assert summary["paired_metered_over_floor"] > 0
+
+
+@pytest.mark.anyio
+async def test_the_floor_middleware_reads_the_bearer_key_and_nothing_more() -> None:
+    """The floor does what any key-reading middleware must: it finds the key, and it changes no response."""
+    import httpx
+
+    from benchmarks.app import HeaderOnly, create_bare
+
+    seen: list[object] = []
+    bare = create_bare()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope.get("state", {}).get("api_key_length"))
+        await bare(scope, receive, send)
+
+    transport = httpx.ASGITransport(app=HeaderOnly(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        keyed = await http.get("/v1/fonts", headers={"Authorization": "Bearer mm_abc123"})
+        unkeyed = await http.get("/v1/fonts")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare), base_url="http://t") as http:
+        plain = await http.get("/v1/fonts")
+    assert seen == [len("mm_abc123"), None]
+    assert keyed.content == unkeyed.content == plain.content
+
+
 def test_wrk_runs_under_sched_fifo_where_permitted(tmp_path: Path) -> None:
     """--wrk-priority fifo runs wrk under SCHED_FIFO where the machine allows it, and says which it got."""
     from benchmarks import run

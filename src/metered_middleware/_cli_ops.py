@@ -101,11 +101,22 @@ def status_command(args: argparse.Namespace) -> int:
     """Print every shard's state; exit 0."""
     settings = Settings.from_env()
     layout = Layout(settings.namespace, settings.shards)
-    shards = anyio.run(_with_redis, settings, lambda r: read_shards(r, layout))
+
+    async def read(redis: aioredis.Redis) -> tuple[list[ShardStatus], bool]:
+        # _with_redis has refused another recorded layout; what is left to tell is whether one is recorded.
+        return await read_shards(redis, layout), bool(await redis.exists(layout.record()))
+
+    shards, recorded = anyio.run(_with_redis, settings, read)
+    described = {"shards": layout.shards, "buckets": layout.buckets, "recorded": recorded}
     if args.json:
-        print(json.dumps({"namespace": settings.namespace, "shards": [s.as_dict() for s in shards]}))
+        rows = [s.as_dict() for s in shards]
+        print(json.dumps({"namespace": settings.namespace, "layout": described, "shards": rows}))
     else:
         _print_status(shards)
+        print(
+            f"layout: {layout.shards} shards x {layout.buckets} buckets, "
+            + ("recorded in Redis" if recorded else "not recorded yet (nothing has counted or flushed)")
+        )
     return 0
 
 

@@ -45,11 +45,13 @@ def test_status_shows_pending_batches_lease_and_dead_letter(
     assert sum(s["pending_units"] for s in shards.values()) == 6
     assert shards[shard_a]["pending_age"] is not None
     assert all(s["batches"] == 0 for s in shards.values())  # the only batch was emptied into the dead-letter
+    assert json.loads(out)["layout"] == {"shards": SHARDS, "buckets": 16, "recorded": True}
 
     code, text = run_cli(monkeypatch, capsys, billing.env(), "status")
     assert code == 0
     assert "worker-7" in text
     assert text.splitlines()[0].split()[:3] == ["shard", "pending", "age"]
+    assert text.splitlines()[-1] == f"layout: {SHARDS} shards x 16 buckets, recorded in Redis"
 
 
 @pytest.mark.parametrize("billing", ["meter_events"], indirect=True)

@@ -2144,7 +2144,7 @@ static PyMethodDef methods[] = {
     {"group_by_shard", (PyCFunction)(void (*)(void))group_by_shard, METH_FASTCALL,
      "group_by_shard(buffer, targets, shards): the window's lines per shard, in shard order."},
     {"encode_lines", (PyCFunction)(void (*)(void))encode_lines, METH_FASTCALL,
-     "encode_lines(lines, retention, sent, fresh_after, decide): one count write's script arguments."},
+     "encode_lines(lines, retention, sent, decide): one count write's script arguments."},
     {"bind_target", bind_target, METH_O,
      "bind_target(cls): read these fields of cls's instances from their slots (BillingTarget)."},
     {"monotonic", monotonic, METH_NOARGS, "monotonic(): CLOCK_MONOTONIC seconds, the cache's clock."},

@@ -350,6 +350,19 @@ def _epoch(value: Any) -> float:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
+class _StreamEvents(list[Any]):
+    """One stream request's events: sent as the JSON array they are, logged by the SDK as one placeholder.
+
+    For every request the SDK form-encodes the parameters, even for a v2 call whose body it then writes as
+    JSON: the encoding is only for its debug log ("Post details"). With 100 events that was ~10 URL quotes
+    an event, about a third of the flusher's CPU for this sink. The SDK's encoder takes a value with an
+    ``id`` as that id (an expandable object's shorthand), so this list encodes to one short string, while
+    ``json.dumps`` still writes it as a list: the request body is the same either way.
+    """
+
+    id = "events"
+
+
 class MeterEventStreamSink:
     """The v2 meter event stream: up to 100 events a request, authenticated by a short-lived session token.
 
@@ -414,7 +427,7 @@ class MeterEventStreamSink:
             try:
                 token = await self._session(renew=renewed)
                 await self.client.v2.billing.meter_event_stream.create_async(
-                    {"events": events}, {"api_key": token}
+                    {"events": _StreamEvents(events)}, {"api_key": token}
                 )
             except stripe.StripeError as exc:
                 outcome = classify(exc)

@@ -121,4 +121,22 @@ async def test_stream_events_carry_their_key_as_identifier(world: World) -> None
     target, key = await _deliver_one(world)
     sent = [r for r in world.emu.requests() if r.operation == "meter_event_stream.create"]
     assert [[e["identifier"] for e in r.params["events"]] for r in sent] == [[key]]
+    event = sent[0].params["events"][0]
+    assert event["event_name"] == EVENT
+    assert event["payload"] == {"stripe_customer_id": target.customer, "value": "7"}
     assert world.stripe_total(target) == 7
+
+
+def test_stream_events_are_one_placeholder_in_the_sdks_form_encoding_and_a_list_in_json() -> None:
+    """The SDK form-encodes every request's parameters for its debug log, even a v2 JSON call's: the
+    events list must be one placeholder there (a third of the sink's CPU otherwise), and the same JSON
+    array in the body."""
+    import json
+
+    from stripe._encode import _api_encode
+
+    from metered_middleware._sinks import _StreamEvents
+
+    events = [{"identifier": f"k{i}", "payload": {"value": "1"}} for i in range(100)]
+    assert list(_api_encode({"events": _StreamEvents(events)})) == [("events", "events")]
+    assert json.loads(json.dumps({"events": _StreamEvents(events)})) == {"events": events}

@@ -273,15 +273,20 @@ class Flusher:
             )
 
     async def _guarded_pass(self) -> None:
-        report = await self.flush_once(lease_wait=0.0)
+        # The loop keeps its shards between passes, so `status` and the lease gauge name their owner.
+        report = await self.flush_once(lease_wait=0.0, keep_leases=True)
         if report.delivered or report.dead or report.left:
             logger.info("flush pass: %s", report)
 
-    async def flush_once(self, *, lease_wait: float | None = None) -> FlushReport:
+    async def flush_once(self, *, lease_wait: float | None = None, keep_leases: bool = False) -> FlushReport:
         """One pass over every shard: leftover batches oldest first, then newly claimed counts.
 
         ``lease_wait`` is how long to wait for a shard another flusher holds (default: one lease TTL, so a
         crashed flusher's lease expires first); a shard still held is reported in ``skipped_shards``.
+
+        Each shard's lease is released as soon as its work in this pass is done (``keep_leases`` keeps it,
+        as ``run()`` does), so that several one-pass flushers started together take turns on a shard instead
+        of each holding the shards it finished while waiting for the others' until its wait runs out.
         """
         report = FlushReport()
         try:
@@ -295,7 +300,7 @@ class Flusher:
         wait = self.settings.lease_ttl + 1 if lease_wait is None else lease_wait
         async with anyio.create_task_group() as tg:
             for shard in range(self.layout.shards):
-                tg.start_soon(self._flush_shard, shard, report, wait)
+                tg.start_soon(self._flush_shard, shard, report, wait, keep_leases)
         return report
 
     # -- one shard ---------------------------------------------------------------------------------
@@ -312,7 +317,7 @@ class Flusher:
                 return None
             await anyio.sleep(min(0.1, self.settings.lease_ttl / 4))
 
-    async def _flush_shard(self, shard: int, report: FlushReport, wait: float) -> None:
+    async def _flush_shard(self, shard: int, report: FlushReport, wait: float, keep_lease: bool) -> None:
         try:
             token = await self._acquire(shard, wait)
             if token is None:
@@ -326,6 +331,9 @@ class Flusher:
                     await self._checkpoint_at("claimed")
                     await self._deliver(shard, claimed[0], token, report)
                 tg.cancel_scope.cancel()
+            if not keep_lease and self._tokens.pop(shard, None) is not None:
+                # Nothing of this shard is in flight now: whoever takes it next finds no batch of ours.
+                await self.store.release_lease(shard, token)
         except* LeaseLostError as group:
             logger.warning(
                 "shard %s: %s; the new holder finishes its batches",

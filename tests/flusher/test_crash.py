@@ -28,15 +28,16 @@ OPERATION = {
 }
 
 
-async def run_flusher(world: World, *args: str, **env: str) -> int:
-    """``flush`` in a subprocess with the world's environment; its exit code (-9 when SIGKILLed)."""
+async def run_flusher(world: World, *args: str, **env: str) -> tuple[int, str]:
+    """``flush`` in a subprocess with the world's environment: its exit code (-9 when SIGKILLed) and what
+    it logged, so that a failed assertion says why the flusher exited as it did."""
     full_env = {**os.environ, **world.env(**env)}
     result = await anyio.run_process(
         [sys.executable, "-m", "metered_middleware._cli_flush", "flush", *args],
         env=full_env,
         check=False,
     )
-    return result.returncode
+    return result.returncode, result.stderr.decode(errors="replace")
 
 
 async def crash_trial(base: World, sink_index: int, trial: int, outcomes: Counter[str]) -> None:
@@ -51,7 +52,7 @@ async def crash_trial(base: World, sink_index: int, trial: int, outcomes: Counte
         kill_at = "send_failed:1"
     else:
         kill_at = f"{phase}:{rng.randint(1, 2)}"
-    code = await run_flusher(world, "--once", METERED_TEST_KILL_AT=kill_at)
+    code, _ = await run_flusher(world, "--once", METERED_TEST_KILL_AT=kill_at)
     outcomes[f"{phase}:{'killed' if code == -signal.SIGKILL else code}"] += 1
     await world.count([(targets[0], rng.randint(1, 5))])  # traffic continues while nobody flushes
     async with Flusher(world.settings(lease_ttl=1.0)) as fresh:
@@ -94,15 +95,18 @@ async def test_concurrent_flusher_processes_deliver_exactly(world: World, flushe
     await world.count([(t, i + 1) for i, t in enumerate(targets)])
     world.emu.set_latency(OPERATION[world.sink], 0.02)  # keep them overlapping
     codes: list[int] = []
+    logs: list[str] = []
 
     async def flusher() -> None:
-        # A lease long enough to outlast a stall of the shared machine: with 2 s, a holder paused past its
-        # lease (or a waiter past its one-TTL wait) exited 1 once in ~10 full-suite runs. No flusher dies
-        # here, so the TTL only bounds how long the others wait, never what is delivered.
-        codes.append(await run_flusher(world, "--once", METERED_LEASE_TTL="5"))
+        # Each flusher frees a shard when done with it, so the others wait only for its work. The lease
+        # still has to outlast a stall of the shared machine (with 2 s, a holder paused past it exited 1
+        # once in ~10 full-suite runs). No flusher dies here: the TTL never changes what is delivered.
+        code, log = await run_flusher(world, "--once", METERED_LEASE_TTL="5")
+        codes.append(code)
+        logs.append(log)
 
     async with anyio.create_task_group() as tg:
         for _ in range(flushers):
             tg.start_soon(flusher)
-    assert codes == [0] * flushers
+    assert codes == [0] * flushers, "\n".join(logs)
     await world.assert_exact()

@@ -175,6 +175,41 @@ async def test_run_delivers_in_the_background_and_flushes_on_stop(world: World) 
     await world.assert_exact()
 
 
+async def test_a_finished_pass_frees_its_shards_for_other_flushers_and_the_loop_keeps_them(
+    world: World,
+) -> None:
+    """Several one-pass flushers started together: the first one done with a shard lets the next take it
+    at once, instead of holding every shard it finished until it exits. A looping flusher keeps its shards
+    between passes, so ``status`` names their owner."""
+    world.shards = 4
+    targets = [world.subscribe(f"f{i}") for i in range(8)]
+    await world.count([(t, 2) for t in targets])
+
+    async def leases() -> list[bytes | str | None]:
+        return [await world.redis.get(world.layout.lease(s)) for s in range(4)]
+
+    async with Flusher(world.settings(lease_ttl=30.0)) as first:
+        assert (await first.flush_once()).complete
+        assert await leases() == [None] * 4
+        await world.count([(t, 1) for t in targets])
+        async with Flusher(world.settings(lease_ttl=30.0)) as second:
+            report = await second.flush_once(lease_wait=0.0)  # refused at once were any shard still held
+        assert report.complete, report
+        assert report.delivered == 8
+    await world.assert_exact()
+
+    looping = Flusher(world.settings(flush_interval=60, lease_ttl=30.0))
+    async with looping, anyio.create_task_group() as tg:
+        await tg.start(looping.run)
+        with anyio.fail_after(10):
+            while None in await leases():  # noqa: ASYNC110 - polling Redis, which has no event to wait on
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.5)  # its first pass (nothing to send) is over: the shards are still its own
+        assert None not in await leases()
+        looping.stop()
+    assert await leases() == [None] * 4  # released on close
+
+
 async def test_lifespan_runs_the_flusher_around_the_app_and_keeps_its_state(world: World) -> None:
     """The lifespan helper wraps the app's lifespan (its state passes through) and flushes at shutdown."""
     target = world.subscribe("app")

@@ -21,7 +21,7 @@ import anyio
 from metered_middleware._delivery import DeadLetter, DeliveryStore
 from metered_middleware._delivery_config import DeliverySettings
 from metered_middleware._errors import LayoutMismatchError, MeteringError
-from metered_middleware._flusher import Checkpoint, Flusher
+from metered_middleware._flusher import Checkpoint, Flusher, FlushReport
 from metered_middleware._guard import LayoutGuard
 from metered_middleware._layout import Layout
 from metered_middleware._redis import connect
@@ -129,12 +129,29 @@ async def _flush_loop(
         with work:
             if once:
                 report = await flusher.flush_once()
-                logger.info("flush --once: %s", report)
                 code = 0 if report.complete else 1
+                if code:
+                    logger.warning("flush --once did not deliver everything: %s", _incomplete(report))
+                else:
+                    logger.info("flush --once: %s", report)
             else:
                 await flusher.run()
         tg.cancel_scope.cancel()
     return 0 if stopped else code
+
+
+def _incomplete(report: FlushReport) -> str:
+    """Why a pass was not complete, in words an operator can act on."""
+    reasons = []
+    if report.skipped_shards:
+        shards = ", ".join(str(shard) for shard in sorted(report.skipped_shards))
+        noun = "shard" if len(report.skipped_shards) == 1 else "shards"
+        reasons.append(f"{noun} {shards} skipped (held by another flusher past the wait, or Redis was down)")
+    if report.left:
+        reasons.append(f"{report.left} left for a later pass (Redis or Stripe failed; they stay in Redis)")
+    if report.dead:
+        reasons.append(f"{report.dead} lines dead-lettered (see `metered-middleware dead-letter list`)")
+    return "; ".join(reasons) + f" ({report.delivered} lines delivered)"
 
 
 def dead_letter_command(args: argparse.Namespace) -> int:

@@ -82,3 +82,25 @@ async def test_worker_exports_metrics_and_finishes_on_sigterm(
             proc.stderr.close()
     await world.assert_exact()
     assert world.stripe_total(target) == 12
+
+
+async def test_flush_once_says_why_it_did_not_deliver_everything(world: World) -> None:
+    """``flush --once`` exits 1 when a shard stays held by another flusher, and its log names the shard;
+    once the shard is free, a rerun delivers it and exits 0 without a warning."""
+    world.shards = 2
+    targets = [world.subscribe(f"w{i}") for i in range(6)]
+    await world.count([(t, 3) for t in targets])
+    await world.redis.set(world.layout.lease(1), "99:someone-else", px=60_000)
+    env = {**os.environ, **world.env(METERED_LEASE_TTL="0.5")}
+    command = [sys.executable, "-m", "metered_middleware._cli_flush", "flush", "--once"]
+    held = await anyio.run_process(command, env=env, check=False)
+    log = held.stderr.decode()
+    assert held.returncode == 1, log
+    assert "did not deliver everything: shard 1 skipped (held by another flusher" in log
+    assert "Traceback" not in log
+
+    await world.redis.delete(world.layout.lease(1))
+    free = await anyio.run_process(command, env=env, check=False)
+    assert free.returncode == 0, free.stderr.decode()
+    assert "WARNING" not in free.stderr.decode()
+    await world.assert_exact()

@@ -1,6 +1,7 @@
 """The three ways usage reaches Stripe, behind one small interface, and how Stripe's answers are classified.
 
-Every sink goes through the official SDK's async methods (httpx underneath), one client per flusher, and sends
+Every sink goes through the official SDK's async methods (httpx underneath, or aiohttp with
+``METERED_HTTP_CLIENT=aiohttp``), one client per flusher, and sends
 exactly the parameters it is given: the flusher derives them from the stored batch, so a retry is identical.
 """
 
@@ -246,7 +247,13 @@ class _HTTPXClient(stripe.HTTPClient):
 
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPClient]:
     """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters)."""
-    http = _HTTPXClient(timeout=settings.request_timeout, concurrency=settings.max_concurrency)
+    http: stripe.HTTPClient
+    if settings.http_client == "aiohttp":
+        from metered_middleware._http_aiohttp import AIOHTTPClient  # an optional dependency
+
+        http = AIOHTTPClient(timeout=settings.request_timeout, concurrency=settings.max_concurrency)
+    else:
+        http = _HTTPXClient(timeout=settings.request_timeout, concurrency=settings.max_concurrency)
     bases: BaseAddresses = {}
     if settings.api_base:
         bases["api"] = settings.api_base

@@ -54,6 +54,7 @@ class World:
     redis_url: str
     shards: int = 2
     namespace: str = "mm"
+    http_client: str = "httpx"  # the flusher's transport to Stripe (METERED_HTTP_CLIENT)
     client: stripe.StripeClient = field(init=False)
     price: str = field(init=False)
     meter: str = field(init=False)
@@ -114,6 +115,7 @@ class World:
             "request_timeout": 5.0,
             "flush_interval": 0.05,
             "shutdown_grace": 5.0,
+            "http_client": self.http_client,
         }
         values.update(overrides)
         return DeliverySettings(**values)
@@ -134,6 +136,7 @@ class World:
             "METERED_RETRY_ATTEMPTS": "50",
             "METERED_LEASE_TTL": "1",
             "METERED_STRIPE_TIMEOUT": "5",
+            "METERED_HTTP_CLIENT": self.http_client,
         }
         env.update(overrides)
         return env

@@ -10,7 +10,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._delivery_config import HTTP_CLIENTS, DeliverySettings, HTTPClientName
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
 from metered_middleware._lifespan import flusher_lifespan
@@ -24,8 +24,10 @@ from .conftest import World
 pytestmark = pytest.mark.anyio
 
 
-async def test_counted_usage_reaches_stripe_exactly(world: World) -> None:
-    """Every counted unit is recorded by Stripe once, and nothing stays pending."""
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_counted_usage_reaches_stripe_exactly(world: World, http_client: HTTPClientName) -> None:
+    """Every counted unit is recorded by Stripe once, and nothing stays pending (through either transport)."""
+    world.http_client = http_client
     targets = [world.subscribe(f"c{i}") for i in range(5)]
     await world.count([(t, i + 1) for i, t in enumerate(targets)])
     await world.count([(targets[0], 10)])
@@ -36,9 +38,14 @@ async def test_counted_usage_reaches_stripe_exactly(world: World) -> None:
     await world.assert_exact()
 
 
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 @pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "commit_then_500", "commit_then_drop"])
-async def test_stripe_storms_delay_delivery_but_totals_stay_exact(world: World, fault: str) -> None:
-    """A stretch of 429s, 5xx, timeouts or lost responses (with added latency) only delays delivery."""
+async def test_stripe_storms_delay_delivery_but_totals_stay_exact(
+    world: World, fault: str, http_client: HTTPClientName
+) -> None:
+    """A stretch of 429s, 5xx, timeouts or lost responses (with added latency) only delays delivery,
+    through either transport."""
+    world.http_client = http_client
     targets = [world.subscribe(f"s{i}") for i in range(4)]
     await world.count([(t, 3 * i + 1) for i, t in enumerate(targets)])
     world.emu.inject("*", fault, times=6, delay=0.3 if fault == "timeout" else None)

@@ -10,7 +10,8 @@ from anyio.abc import SocketAttribute, SocketStream
 
 from metered_middleware import BillingTarget
 from metered_middleware._delivery import line_key
-from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._delivery_config import HTTP_CLIENTS, DeliverySettings, HTTPClientName
+from metered_middleware._errors import ConfigurationError
 from metered_middleware._sinks import MeterEventsSink, SendLine, make_sink, make_stripe_client
 
 from .conftest import EVENT, World
@@ -37,12 +38,18 @@ async def _deliver_one(world: World) -> tuple[BillingTarget, str]:
 
 
 # The v1 sinks; the v2 stream has no idempotency key (its identifiers: the next test).
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 @pytest.mark.parametrize("world", ["meter_events", "usage_records"], indirect=True)
-async def test_v1_lines_carry_their_key_as_idempotency_key_and_identifier(world: World) -> None:
-    """Each v1 request sends the line's key as its idempotency key (and meter event identifier)."""
+async def test_v1_lines_carry_their_key_as_idempotency_key_and_identifier(
+    world: World, http_client: HTTPClientName
+) -> None:
+    """Each v1 request sends the line's key as its idempotency key (and meter event identifier), through
+    either transport."""
+    world.http_client = http_client
     target, key = await _deliver_one(world)
     sent = [r for r in world.emu.requests() if r.operation == f"{world.sink}.create"]
     assert [r.idempotency_key for r in sent] == [key]
+    assert [r.http_library for r in sent] == [http_client]
     if world.sink == "meter_events":
         assert sent[0].params["identifier"] == key
         assert sent[0].params["payload"] == {"stripe_customer_id": target.customer, "value": "7"}
@@ -59,11 +66,16 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_a_refused_connection_is_retried_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_a_refused_connection_is_retried_not_raised(
+    monkeypatch: pytest.MonkeyPatch, http_client: HTTPClientName
+) -> None:
     """Stripe unreachable: the line's outcome is a retry for a connection error, nothing raises."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    settings = DeliverySettings(stripe_api_key="sk_test_x", api_base=f"http://127.0.0.1:{_closed_port()}")
+    settings = DeliverySettings(
+        stripe_api_key="sk_test_x", api_base=f"http://127.0.0.1:{_closed_port()}", http_client=http_client
+    )
     client, http = make_stripe_client(settings)
     try:
         outcomes = await MeterEventsSink(client, EVENT).send([_line()])
@@ -72,7 +84,10 @@ async def test_a_refused_connection_is_retried_not_raised(monkeypatch: pytest.Mo
     assert [(o.kind, o.reason) for o in outcomes] == [("retry", "connection")]
 
 
-async def test_requests_go_through_the_proxy_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_requests_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch, http_client: HTTPClientName
+) -> None:
     """With HTTP_PROXY set, the flusher's requests go through that proxy, as with the SDK's own client."""
     seen: list[bytes] = []
     body = b'{"object": "billing.meter_event", "event_name": "api_requests"}'
@@ -102,7 +117,7 @@ async def test_requests_go_through_the_proxy_the_environment_names(monkeypatch: 
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
     # Not listening: reached directly, the request would fail with a connection error.
     api_base = f"http://127.0.0.1:{_closed_port()}"
-    settings = DeliverySettings(stripe_api_key="sk_test_x", api_base=api_base)
+    settings = DeliverySettings(stripe_api_key="sk_test_x", api_base=api_base, http_client=http_client)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, proxy)
         client, http = make_stripe_client(settings)
@@ -115,12 +130,30 @@ async def test_requests_go_through_the_proxy_the_environment_names(monkeypatch: 
     assert seen == [f"POST {api_base}/v1/billing/meter_events HTTP/1.1".encode()]
 
 
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+@pytest.mark.parametrize("world", ["meter_events"], indirect=True)
+async def test_no_proxy_sends_the_hosts_it_names_directly(
+    world: World, monkeypatch: pytest.MonkeyPatch, http_client: HTTPClientName
+) -> None:
+    """A host in NO_PROXY is reached directly even with HTTP_PROXY set (here to a port nobody listens on)."""
+    for name in ("http_proxy", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    world.http_client = http_client
+    target, _ = await _deliver_one(world)
+    assert world.stripe_total(target) == 7
+
+
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 @pytest.mark.parametrize("world", ["meter_event_stream"], indirect=True)
-async def test_stream_events_carry_their_key_as_identifier(world: World) -> None:
+async def test_stream_events_carry_their_key_as_identifier(world: World, http_client: HTTPClientName) -> None:
     """The v2 stream has no idempotency key: each event's identifier is the line's key, sent unchanged."""
+    world.http_client = http_client
     target, key = await _deliver_one(world)
     sent = [r for r in world.emu.requests() if r.operation == "meter_event_stream.create"]
     assert [[e["identifier"] for e in r.params["events"]] for r in sent] == [[key]]
+    assert [r.http_library for r in sent] == [http_client]
     event = sent[0].params["events"][0]
     assert event["event_name"] == EVENT
     assert event["payload"] == {"stripe_customer_id": target.customer, "value": "7"}
@@ -140,3 +173,37 @@ def test_stream_events_are_one_placeholder_in_the_sdks_form_encoding_and_a_list_
     events = [{"identifier": f"k{i}", "payload": {"value": "1"}} for i in range(100)]
     assert list(_api_encode({"events": _StreamEvents(events)})) == [("events", "events")]
     assert json.loads(json.dumps({"events": _StreamEvents(events)})) == {"events": events}
+
+
+def test_an_unknown_or_missing_http_client_is_a_clear_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """METERED_HTTP_CLIENT names httpx or aiohttp; aiohttp without the package says how to install it."""
+    env = {"STRIPE_API_KEY": "sk_test_x"}
+    assert DeliverySettings.from_env(env).http_client == "httpx"
+    assert DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": " AIOHTTP "}).http_client == "aiohttp"
+    with pytest.raises(ConfigurationError, match=r"METERED_HTTP_CLIENT='requests' is not valid: 'httpx' or"):
+        DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": "requests"})
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ConfigurationError, match=r"pip install 'metered-middleware\[aiohttp\]'"):
+        DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": "aiohttp"})
+
+
+async def test_aiohttp_refuses_an_all_proxy_it_would_not_route_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp honours HTTP(S)_PROXY but not ALL_PROXY: with only ALL_PROXY set it is refused at start,
+    rather than sending to Stripe directly past the proxy the environment names."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:3128")
+    settings = DeliverySettings(stripe_api_key="sk_test_x", http_client="aiohttp")
+    with pytest.raises(ConfigurationError, match="does not route through ALL_PROXY"):
+        make_stripe_client(settings)
+    _, http = make_stripe_client(settings.replace(http_client="httpx"))  # httpx routes through it
+    await http.close_async()  # type: ignore[no-untyped-call]

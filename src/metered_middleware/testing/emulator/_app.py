@@ -101,6 +101,7 @@ class EmulatorApp:
         found = match(method, path)
         operation = found[0].operation if found else "unknown"
         record = RequestRecord(operation, method, path, {}, key, version)
+        record.http_library = _http_library(headers.get("x-stripe-client-user-agent"))
         extra: dict[str, str] = {"Request-Id": request_id}
         if version:
             extra["Stripe-Version"] = version
@@ -272,3 +273,15 @@ def _parse(route: Route, scope: Scope, headers: dict[str, str], body: bytes) -> 
     if body and "json" not in headers.get("content-type", ""):
         pairs += parse_qsl(body.decode(), keep_blank_values=True)
     return parse_form(pairs)
+
+
+def _http_library(client_user_agent: str | None) -> str | None:
+    """``httplib`` from the SDK's client user agent header (JSON), or None."""
+    if not client_user_agent:
+        return None
+    try:
+        found = json.loads(client_user_agent)
+    except ValueError:
+        return None
+    library = found.get("httplib") if isinstance(found, dict) else None
+    return library if isinstance(library, str) else None

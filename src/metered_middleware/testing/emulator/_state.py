@@ -74,6 +74,8 @@ class RequestRecord:
     replayed: bool = False
     fault: str | None = None
     error_code: str | None = None
+    # The HTTP library the SDK said it sent with (``httplib`` in ``X-Stripe-Client-User-Agent``).
+    http_library: str | None = None
 
 
 @dataclass

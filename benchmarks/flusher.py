@@ -8,7 +8,8 @@ them, as it would not for real traffic spread over many customers. The emulator 
 (this script re-run with ``--serve-emulator``), so it does not share the flusher's GIL; its customers and
 subscriptions are made in bulk there with ``StripeEmulator.seed_customers`` (100,000 targets without
 200,000 setup requests). The flusher runs in this process. ``--repeat N`` runs each sink N times and prints
-the median; ``--seconds S`` stops each run after S seconds and counts what was delivered by then.
+the median; ``--seconds S`` stops each run after S seconds and counts what was delivered by then. Each sink
+is measured through each HTTP client (``--http-client httpx|aiohttp`` picks one; aiohttp is optional).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from pathlib import Path
 import anyio
 import redis.asyncio as aioredis
 
-from metered_middleware._delivery_config import SINKS, DeliverySettings, SinkName
+from metered_middleware._delivery_config import (
+    HTTP_CLIENTS,
+    SINKS,
+    DeliverySettings,
+    HTTPClientName,
+    SinkName,
+)
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
 from metered_middleware._redis_server import RedisServer
@@ -73,7 +80,13 @@ def serve_emulator(sink: str, targets: int, out: str) -> None:
 
 
 async def one_run(
-    sink: SinkName, url: str, emu_url: str, seeded: list[list[str | None]], concurrency: int, seconds: float
+    sink: SinkName,
+    url: str,
+    emu_url: str,
+    seeded: list[list[str | None]],
+    concurrency: int,
+    seconds: float,
+    http_client: HTTPClientName,
 ) -> tuple[int, float, int, float]:
     """Count one unit for every seeded target, then time the flusher delivering them.
 
@@ -99,6 +112,7 @@ async def one_run(
         rate_limit=0,
         max_concurrency=concurrency,
         batch_size=1000,
+        http_client=http_client,
     )
     dead = 0
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -121,6 +135,7 @@ def bench_sink(
     repeat: int,
     seconds: float,
     uvloop: bool = False,
+    http_client: HTTPClientName = "httpx",
 ) -> float:
     rates: list[float] = []
     cpus: list[float] = []
@@ -151,6 +166,7 @@ def bench_sink(
                     fixture["targets"],
                     concurrency,
                     seconds,
+                    http_client,
                     backend_options={"use_uvloop": uvloop},
                 )
             finally:
@@ -160,14 +176,14 @@ def bench_sink(
         rates.append(rate)
         cpus.append(cpu * 1e3 / max(1, sent))
         print(
-            f"{sink:20s} {sent:6d} lines in {elapsed:6.2f}s = {rate:8.0f} lines/s (dead {dead}),"
-            f" flusher CPU {cpus[-1]:.3f} ms/line",
+            f"{sink:20s} {http_client:7s} {sent:6d} lines in {elapsed:6.2f}s = {rate:8.0f} lines/s"
+            f" (dead {dead}), flusher CPU {cpus[-1]:.3f} ms/line",
             flush=True,
         )
     median = statistics.median(rates)
     if repeat > 1:
         print(
-            f"{sink:20s} median of {repeat}: {median:8.0f} lines/s,"
+            f"{sink:20s} {http_client:7s} median of {repeat}: {median:8.0f} lines/s,"
             f" flusher CPU {statistics.median(cpus):.3f} ms/line",
             flush=True,
         )
@@ -182,6 +198,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per sink; the median is printed (1)")
     parser.add_argument("--seconds", type=float, default=0.0, help="stop each run after this long (no limit)")
     parser.add_argument("--uvloop", action="store_true", help="run the flusher on uvloop (asyncio's loop)")
+    parser.add_argument(
+        "--http-client",
+        choices=HTTP_CLIENTS,
+        action="append",
+        help="the flusher's transport to Stripe, METERED_HTTP_CLIENT (each by default)",
+    )
     parser.add_argument("--serve-emulator", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_emulator:
@@ -189,9 +211,17 @@ def main() -> None:
         return
     with RedisServer() as server:
         for sink in args.sink or SINKS:  # argparse choices keep it a SinkName
-            bench_sink(
-                sink, server.url, args.targets, args.concurrency, args.repeat, args.seconds, args.uvloop
-            )
+            for http_client in args.http_client or HTTP_CLIENTS:
+                bench_sink(
+                    sink,
+                    server.url,
+                    args.targets,
+                    args.concurrency,
+                    args.repeat,
+                    args.seconds,
+                    args.uvloop,
+                    http_client,
+                )
 
 
 if __name__ == "__main__":

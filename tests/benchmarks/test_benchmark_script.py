@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,25 @@ def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None
         stolen, total = run.machine_ticks()
         assert total >= sum(earlier)  # the counters only grow, and all eight fields are summed
         assert earlier[7] <= stolen <= total
+
+
+def test_flusher_script_delivers_every_line_through_each_http_client() -> None:
+    """``benchmarks/flusher.py`` with tiny settings: each transport delivers all the pending lines."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "flusher.py"),
+            "--targets",
+            "30",
+            "--sink",
+            "meter_events",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = re.findall(r"^meter_events +(\w+) +(\d+) lines in .* \(dead (\d+)\)", proc.stdout, re.MULTILINE)
+    assert runs == [("httpx", "30", "0"), ("aiohttp", "30", "0")], proc.stdout

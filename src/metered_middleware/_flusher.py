@@ -228,10 +228,7 @@ class Flusher:
         """Release held leases and close what this flusher opened (idempotent)."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             for shard, token in list(self._tokens.items()):
-                try:
-                    await self.store.release_lease(shard, token)
-                except StorageError:
-                    logger.warning("could not release the lease of shard %s; it will expire", shard)
+                await self._release(shard, token)
             self._tokens.clear()
             while self._owned:
                 await self._owned.pop()()
@@ -333,7 +330,7 @@ class Flusher:
                 tg.cancel_scope.cancel()
             if not keep_lease and self._tokens.pop(shard, None) is not None:
                 # Nothing of this shard is in flight now: whoever takes it next finds no batch of ours.
-                await self.store.release_lease(shard, token)
+                await self._release(shard, token)
         except* LeaseLostError as group:
             logger.warning(
                 "shard %s: %s; the new holder finishes its batches",
@@ -352,6 +349,14 @@ class Flusher:
                 extra={"event": "storage_error", "shard": shard, "outcome": "left", "reason": "redis"},
             )
             report.left += 1
+
+    async def _release(self, shard: int, token: str) -> None:
+        """Free a shard whose work is done; if Redis cannot be reached the lease just expires (its TTL), and
+        what was delivered stays delivered."""
+        try:
+            await self.store.release_lease(shard, token)
+        except StorageError:
+            logger.warning("could not release the lease of shard %s; it will expire", shard)
 
     async def _keep_lease(self, shard: int, token: str, work: anyio.CancelScope) -> None:
         ttl_ms = int(self.settings.lease_ttl * 1000)

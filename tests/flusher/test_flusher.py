@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from metered_middleware._delivery_config import HTTP_CLIENTS, DeliverySettings, HTTPClientName
+from metered_middleware._errors import StorageError
 from metered_middleware._flusher import Flusher
 from metered_middleware._layout import Layout
 from metered_middleware._lifespan import flusher_lifespan
@@ -215,6 +216,26 @@ async def test_a_finished_pass_frees_its_shards_for_other_flushers_and_the_loop_
         assert None not in await leases()
         looping.stop()
     assert await leases() == [None] * 4  # released on close
+
+
+@pytest.mark.parametrize("world", ["meter_events"], indirect=True)
+async def test_a_pass_that_cannot_free_its_shards_is_still_complete(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis gone at the moment a finished shard is freed: everything was delivered, so the pass is
+    complete (``flush --once`` exits 0); the lease simply expires."""
+    targets = [world.subscribe(f"r{i}") for i in range(4)]
+    await world.count([(t, 5) for t in targets])
+    async with Flusher(world.settings()) as flusher:
+
+        async def unreachable(shard: int, token: str) -> bool:
+            raise StorageError("Redis is restarting")
+
+        monkeypatch.setattr(flusher.store, "release_lease", unreachable)
+        report = await flusher.flush_once()
+    assert report.complete, report
+    assert report.delivered == 4
+    await world.assert_exact()
 
 
 async def test_lifespan_runs_the_flusher_around_the_app_and_keeps_its_state(world: World) -> None:

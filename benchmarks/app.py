@@ -7,7 +7,8 @@ counts through the Stripe emulator. ``benchmarks/run.py`` sets these variables f
 
 - ``MM_BENCH_REDIS_URL``: the Redis the middleware and the flusher use (required for the metered app);
 - ``MM_BENCH_STRIPE_URL``: the emulator's base URL (required for the metered app);
-- ``MM_BENCH_SINK`` (``meter_events``), ``MM_BENCH_STRIPE_RATE`` (``auto``: Stripe's test budget, 20/s),
+- ``MM_BENCH_SINK`` (``meter_events``), ``MM_BENCH_HTTP_CLIENT`` (``httpx``), ``MM_BENCH_STRIPE_RATE``
+  (``auto``: Stripe's test budget, 20/s),
   ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``), ``MM_BENCH_IN_APP_FLUSHER``
   (``1``; ``0`` leaves the flusher out, to tell its cost from the middleware's).
 """
@@ -158,6 +159,7 @@ def delivery_settings(environ: Mapping[str, str]) -> DeliverySettings:
         api_base=stripe_url,
         meter_events_base=stripe_url,
         sink=environ.get("MM_BENCH_SINK", "meter_events"),  # type: ignore[arg-type]  # validated by the class
+        http_client=environ.get("MM_BENCH_HTTP_CLIENT", "httpx"),  # type: ignore[arg-type]  # validated too
         meter_event_name=METER_EVENT_NAME,
         rate_limit=None if rate == "auto" else float(rate),
         flush_interval=float(environ.get("MM_BENCH_FLUSH_INTERVAL", "5")),

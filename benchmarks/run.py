@@ -231,6 +231,7 @@ def flusher_worker(env: dict[str, str], *, cpus: str) -> Iterator[subprocess.Pop
         "METERED_REDIS_URL": env["MM_BENCH_REDIS_URL"],
         "METERED_STRIPE_API_BASE": env["MM_BENCH_STRIPE_URL"],
         "METERED_SINK": env["MM_BENCH_SINK"],
+        "METERED_HTTP_CLIENT": env["MM_BENCH_HTTP_CLIENT"],
         "METERED_METER_EVENT_NAME": METER_EVENT_NAME,
         "METERED_RATE_LIMIT": env["MM_BENCH_STRIPE_RATE"],
         "METERED_FLUSH_INTERVAL": env["MM_BENCH_FLUSH_INTERVAL"],
@@ -498,6 +499,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sink", default="meter_events", help="the flusher's sink (meter_events)")
     parser.add_argument("--stripe-rate", default="auto", help="the flusher's Stripe rate limit (auto)")
+    parser.add_argument(
+        "--http-client",
+        choices=("httpx", "aiohttp"),
+        default="httpx",
+        help="the flusher's transport to Stripe, METERED_HTTP_CLIENT (httpx)",
+    )
     parser.add_argument("--flush-interval", type=float, default=5.0, help="the flusher's interval (5 s)")
     parser.add_argument(
         "--wrk-priority",
@@ -592,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "MM_BENCH_REDIS_URL": redis_server.url,
             "MM_BENCH_STRIPE_URL": emulator.url,
             "MM_BENCH_SINK": args.sink,
+            "MM_BENCH_HTTP_CLIENT": args.http_client,
             "MM_BENCH_STRIPE_RATE": args.stripe_rate,
             "MM_BENCH_FLUSH_INTERVAL": str(args.flush_interval),
             "MM_BENCH_IN_APP_FLUSHER": "1" if args.flusher == "in-app" else "0",

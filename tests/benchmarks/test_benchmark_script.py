@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _quick(tmp_path: Path, *extra: str) -> dict[str, object]:
-    out = tmp_path / "result.json"
+def _script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name>`` with ``args``; it must succeed. Its standard output."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out), *extra],
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,7 +26,13 @@ def _quick(tmp_path: Path, *extra: str) -> dict[str, object]:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| metered / bare |" in proc.stdout
+    return proc.stdout
+
+
+def _quick(tmp_path: Path, *extra: str) -> dict[str, object]:
+    out = tmp_path / "result.json"
+    stdout = _script("run.py", "--quick", "--json", str(out), *extra)
+    assert "| metered / bare |" in stdout
     result: dict[str, object] = json.loads(out.read_text())
     return result
 
@@ -172,21 +178,6 @@ def test_steal_is_the_stolen_share_of_the_machines_ticks(tmp_path: Path) -> None
 
 def test_flusher_script_delivers_every_line_through_each_http_client() -> None:
     """``benchmarks/flusher.py`` with tiny settings: each transport delivers all the pending lines."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "flusher.py"),
-            "--targets",
-            "30",
-            "--sink",
-            "meter_events",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = re.findall(r"^meter_events +(\w+) +(\d+) lines in .* \(dead (\d+)\)", proc.stdout, re.MULTILINE)
-    assert runs == [("httpx", "30", "0"), ("aiohttp", "30", "0")], proc.stdout
+    stdout = _script("flusher.py", "--targets", "30", "--sink", "meter_events")
+    runs = re.findall(r"^meter_events +(\w+) +(\d+) lines in .* \(dead (\d+)\)", stdout, re.MULTILINE)
+    assert runs == [("httpx", "30", "0"), ("aiohttp", "30", "0")], stdout

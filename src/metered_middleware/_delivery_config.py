@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 from metered_middleware._errors import ConfigurationError
 from metered_middleware._parse import check_store, parse_choice, parse_int, parse_seconds, read_store, taker
 
-__all__ = ["SINKS", "DeliverySettings", "SinkName"]
+__all__ = ["HTTP_CLIENTS", "SINKS", "DeliverySettings", "HTTPClientName", "SinkName"]
 
 SINKS: Final = ("meter_events", "usage_records", "meter_event_stream")
 SinkName = Literal["meter_events", "usage_records", "meter_event_stream"]

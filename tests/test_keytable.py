@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from metered_middleware import BillingTarget
-from metered_middleware._fastpath import NATIVE, PyFastPath, PyTally
+from metered_middleware._fastpath import NATIVE, PyFastPath, PyTally, encode_lines, py_encode_lines
 from metered_middleware._layout import Layout
 from metered_middleware._resolver import DictEntries, cache_clock, fingerprint
+from metered_middleware._store import target_metadata
 from tests.test_fastpath import ignore, scope_with, tally_path
 
 TABLES: list[Any] = [pytest.param(DictEntries, id="python")]
@@ -327,3 +328,57 @@ def test_a_cache_and_its_window_are_collected_together() -> None:
     del table, tally, path
     gc.collect()
     assert sys.getrefcount(target) == baseline
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+async def test_requests_and_windows_leave_no_reference_behind(implementation: Any) -> None:
+    """A thousand requests over ten keys (counted, refused with a 500, and a miss), each key's entry
+    refreshed with a new target halfway, windows taken as lines and encoded: afterwards every object the
+    path was handed (targets, the scope's parts, the server's send, the statuses) is referred to exactly
+    as often as before. A reference kept per request is memory a server never gets back."""
+    make_path, make_table, make_tally = implementation
+    layout = Layout(shards=4)
+    table = make_table()
+    tally = make_tally(100, lambda: None, lambda: None)
+    path = tally_path(make_path, table, tally)
+    keys = [f"mm_live_refs_{n:02d}_0000000000000000000".encode() for n in range(10)]
+    olds = [BillingTarget(customer=f"cus_refs_{n}", period_start=100, period_end=200) for n in range(10)]
+    news = [BillingTarget(customer=f"cus_refs_{n}", period_start=200, period_end=300) for n in range(10)]
+    headers = [[(b"x-api-key", key)] for key in keys]
+    started = {"type": "http.response.start", "status": 200}
+    failed = {"type": "http.response.start", "status": 500}
+    body = {"type": "http.response.body"}
+    watched: list[object] = [*olds, *news, *keys, *headers, ignore, started, failed, body]
+    before = [sys.getrefcount(o) for o in watched]
+    for key, target in zip(keys, olds, strict=True):
+        hashes = fingerprint(key)
+        table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+
+    taken = 0
+    for n in range(1000):
+        if n == 500:
+            taken += sum(units for _, lines in tally.take_lines(layout.shards) for _, units in lines)
+            for key, target in zip(keys, news, strict=True):  # the cache refreshes every key
+                hashes = fingerprint(key)
+                table[hashes[0]] = (cache_clock() + 60, hashes[1], target)
+        scope = {"type": "http", "method": "GET", "path": "/v1/x", "headers": headers[n % 10]}
+        send = path(scope, ignore)
+        assert send is not None
+        await send(failed if n % 7 == 0 else started)
+        await send(body)
+        assert path({"type": "http", "headers": [(b"x-api-key", b"mm_live_not_cached")]}, ignore) is None
+        del scope, send
+    windows = tally.take_lines(layout.shards)
+    taken += sum(units for _, lines in windows for _, units in lines)
+    encode = py_encode_lines if make_path is PyFastPath else encode_lines
+    for _, lines in windows:
+        encode(lines, 3600, {}, target_metadata)
+    del windows, lines
+    assert taken == sum(1 for n in range(1000) if n % 7)
+
+    for key in keys:  # the cache lets go of its targets
+        del table[fingerprint(key)[0]]
+    del key, target, hashes  # the loops' last values
+    gc.collect()
+    assert [sys.getrefcount(o) for o in watched] == before

@@ -101,6 +101,56 @@ def test_finds_only_the_single_cached_key(
     assert find(headers, cached(KEY), NAMES, True, 256) is (TARGET if hit else None)
 
 
+def random_headers(rnd: random.Random, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Zero to four headers as a client could send them: key headers and others, Bearer prefixes right
+    and wrong, cached keys and random bytes of any length (past the limits too)."""
+    names = [b"authorization", b"x-api-key", b"x-other-key", b"host", b"Authorization", b"x-api-ke"]
+    prefixes = [
+        b"",
+        b"Bearer ",
+        b"bearer ",
+        b"BEARER ",
+        b"BeArEr ",
+        b"Bearer",
+        b"Bearer  ",
+        b"Basic ",
+        b"bearer\t",
+    ]
+    headers = []
+    for _ in range(rnd.randrange(5)):
+        if rnd.random() < 0.5:
+            key = rnd.choice(keys)
+        else:
+            key = bytes(
+                rnd.randrange(256) for _ in range(rnd.choice([0, 1, 6, 7, 8, 63, 64, 65, 255, 256, 257, 600]))
+            )
+        headers.append((rnd.choice(names), rnd.choice(prefixes) + key))
+    return headers
+
+
+@pytest.mark.parametrize("find", FINDERS)
+def test_the_lookup_agrees_with_the_twin_on_random_headers(find: Finder) -> None:
+    """Whatever headers a client sends, each lookup gives the twin's answer: the same target or none."""
+    rnd = random.Random(11)
+    keys = [
+        b"mm_live_" + bytes(rnd.randrange(33, 127) for _ in range(rnd.randrange(1, 300))) for _ in range(20)
+    ]
+    entries: dict[int, tuple[float, int, BillingTarget | None]] = {}
+    for n, key in enumerate(keys):
+        first, second = fingerprint(key)
+        target = BillingTarget(customer=f"cus_{n}") if n % 5 else None  # some negative entries
+        entries[first] = (cache_clock() + (60 if n % 7 else -1), second, target)  # some expired
+    twin: Finder = py_find_cached  # over a plain dict, as the cases above
+    hits = 0
+    for _ in range(5000):
+        headers = random_headers(rnd, keys)
+        bearer, limit = rnd.random() < 0.8, rnd.choice([7, 64, 256, 4096])
+        expected = twin(headers, entries, NAMES, bearer, limit)
+        assert find(headers, entries, NAMES, bearer, limit) is expected, (headers, bearer, limit)
+        hits += expected is not None
+    assert hits > 50  # the draw reaches the cache, not only the refusals
+
+
 @pytest.mark.parametrize("find", FINDERS)
 def test_bearer_off_ignores_the_authorization_header(find: Finder) -> None:
     """With Bearer keys turned off, an Authorization header is neither a key nor a second key."""

@@ -9,8 +9,9 @@ counts through the Stripe emulator. ``benchmarks/run.py`` sets these variables f
 - ``MM_BENCH_STRIPE_URL``: the emulator's base URL (required for the metered app);
 - ``MM_BENCH_SINK`` (``meter_events``), ``MM_BENCH_HTTP_CLIENT`` (``httpx``), ``MM_BENCH_STRIPE_RATE``
   (``auto``: Stripe's test budget, 20/s),
-  ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``), ``MM_BENCH_IN_APP_FLUSHER``
-  (``1``; ``0`` leaves the flusher out, to tell its cost from the middleware's).
+  ``MM_BENCH_FLUSH_INTERVAL`` (``5``), ``MM_BENCH_COALESCE_WINDOW`` (``0.05``), ``MM_BENCH_CACHE_TTL``
+  (``60``, the resolver cache's TTL), ``MM_BENCH_IN_APP_FLUSHER`` (``1``; ``0`` leaves the flusher out, to
+  tell its cost from the middleware's).
 """
 
 from __future__ import annotations
@@ -197,5 +198,6 @@ def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddlewa
         environ={},
         redis_url=env["MM_BENCH_REDIS_URL"],
         coalesce_window=float(env.get("MM_BENCH_COALESCE_WINDOW", "0.05")),
+        cache_ttl=float(env.get("MM_BENCH_CACHE_TTL", "60")),
     )
     return middleware

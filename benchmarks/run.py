@@ -516,6 +516,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW of the metered app (0.05 s)"
     )
+    parser.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=60.0,
+        help="METERED_CACHE_TTL of the metered app (60 s): each key is looked up again once a TTL, "
+        "which a run shorter than the TTL never sees; set it below the run to measure that steady state",
+    )
     parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
     parser.add_argument(
         "--flusher-targets",
@@ -605,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "MM_BENCH_IN_APP_FLUSHER": "1" if args.flusher == "in-app" else "0",
             "MM_BENCH_FLUSHER": args.flusher,
             "MM_BENCH_COALESCE_WINDOW": str(args.window),
+            "MM_BENCH_CACHE_TTL": str(args.cache_ttl),
         }
         stats = redis.Redis.from_url(redis_server.url)
 

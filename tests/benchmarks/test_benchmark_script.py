@@ -117,7 +117,7 @@ def run_ab(*args: str) -> subprocess.CompletedProcess[str] | None:
     """One quick round of benchmarks/ab.py; None when wrk is missing and it said how to install it."""
     quick = ["--rounds", "1", "--duration", "1", "--warmup", "1", "--keys", "20"]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), *args, *quick],
+        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), *quick, *args],  # args win over the defaults
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -139,6 +139,28 @@ def test_ab_script_compares_two_variants_served_at_once() -> None:
         assert "round 1: a " in proc.stdout
         assert "| steal " in proc.stdout
         assert "cost ratio a/b, median" in proc.stdout
+        # The bare app has no resolver; the metered one, warmed over its 20 keys, looked none up.
+        assert "| key lookups a/b -/0" in proc.stdout
+        assert "not warm" not in proc.stdout
+
+
+def test_ab_script_says_when_a_metered_server_measured_cache_misses() -> None:
+    """Servers start cold each round: without a warm-up the metered one looks its keys up during the
+    measured run, which the figures would silently include; the script says so."""
+    proc = run_ab("create_bare", "create_metered", "--warmup", "0")
+    if proc is not None:
+        assert "| key lookups a/b -/20" in proc.stdout
+        assert "looked up 20 keys in Redis during the measured runs" in proc.stdout
+
+
+def test_ab_script_passes_the_cache_ttl_to_the_metered_app() -> None:
+    """--cache-ttl reaches the metered server: with no caching (0), its 20 keys are looked up again and
+    again (concurrent requests for a key share a lookup), and the script says the figures include them."""
+    proc = run_ab("create_bare", "create_metered", "--cache-ttl", "0")
+    if proc is not None:
+        lookups = int(proc.stdout.split("| key lookups a/b -/")[1].split()[0])
+        assert lookups > 100  # a cache that kept its entries would look each of the 20 keys up once
+        assert "entries that expired (--cache-ttl)" in proc.stdout
 
 
 def test_ab_script_serves_a_variant_from_the_path_it_is_given(tmp_path: Path) -> None:

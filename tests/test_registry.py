@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from metered_middleware import INACTIVE_STATUSES, BillingTarget, KeyRegistry, hash_key
+from metered_middleware import INACTIVE_STATUSES, BillingTarget, CachingResolver, KeyRegistry, hash_key
+from metered_middleware._keys import key_id_of
 from metered_middleware._redis import connect
 
 pytestmark = pytest.mark.anyio
@@ -172,3 +174,54 @@ def test_admissible_is_derived_from_revocation_and_status(changes: dict[str, Any
     assert target.admissible is admissible
     assert target.admissible == (not target.revoked and target.active)
     assert BillingTarget.from_fields(target.to_fields()).admissible is admissible
+
+
+async def test_changes_to_existing_keys_are_counted_and_new_keys_are_not(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A revocation and a subscription update each move the change count once; issuing a key does not
+    (no entry a cache holds changed). The count read with an entry is the count before it."""
+    registry = KeyRegistry(redis_client)
+    issued = await registry.create(TARGET)
+    assert await registry.changes() == 0
+    await registry.update_subscription("sub_1", status="past_due")
+    assert await registry.changes() == 1
+    await registry.create(TARGET)
+    assert await registry.changes() == 1
+    await registry.revoke(issued.key)
+    target, count = await registry.resolve_counted(issued.key)
+    assert target is not None
+    assert target.revoked
+    assert count == await registry.changes() == 2
+    assert await registry.resolve_counted("mk_unknown") == (None, 2)
+
+
+async def test_a_change_made_elsewhere_reaches_a_cache_at_its_next_expiry(redis_url: str) -> None:
+    """Another process (its own client) revokes a key and moves a subscription: a cache that keeps its
+    entries while nothing changes reads them again at their next expiry, and serves the new answers."""
+    here, elsewhere = connect(redis_url), connect(redis_url)
+    try:
+        registry = KeyRegistry(here)
+        cache = CachingResolver(registry, ttl=0.1, changes_max_age=0)
+        kept, revoked = (await registry.create(TARGET)).key, (await registry.create(TARGET)).key
+        for key in (kept, revoked):
+            assert (await cache.resolve(key)) == replace(TARGET, key_id=key_id_of(hash_key(key)))
+        await asyncio.sleep(0.12)
+        await cache.resolve(kept)
+        # Nothing changed: both kept without a lookup (the second with the count read for the first).
+        assert (cache.lookups, cache.renewed) == (2, 2)
+        assert cache.cached(revoked)[2]
+
+        await KeyRegistry(elsewhere).revoke(revoked)
+        await KeyRegistry(elsewhere).update_subscription("sub_1", period_start=100, period_end=200)
+        await asyncio.sleep(0.12)
+        after_revoke = await cache.resolve(revoked)
+        after_update = await cache.resolve(kept)
+        assert after_revoke is not None
+        assert after_revoke.revoked
+        assert after_update is not None
+        assert (after_update.period_start, after_update.period_end) == (100, 200)
+        assert cache.lookups == 4  # both read again in full
+    finally:
+        await here.aclose()
+        await elsewhere.aclose()

@@ -107,6 +107,139 @@ async def test_cache_is_bounded() -> None:
     assert len(cache._entries) == 10
 
 
+class Counted(Counting):
+    """A resolver that also counts changes to its keys, as the key registry does."""
+
+    def __init__(self, answer: BillingTarget | None) -> None:
+        super().__init__(answer)
+        self.count: int | None = 7
+        self.count_reads = 0
+        self.count_fails = False
+
+    async def changes(self) -> int | None:
+        self.count_reads += 1
+        if self.count_fails:
+            raise StorageError("down")
+        return self.count
+
+    async def resolve_counted(self, key: str) -> tuple[BillingTarget | None, int | None]:
+        count = self.count  # read before the entry, as the registry does
+        return await self.resolve(key), count
+
+
+async def test_an_expired_entry_is_kept_while_the_change_count_stands_still() -> None:
+    """In front of a counted resolver, an expired target is kept for another TTL without a lookup; once
+    the count moves, the next expiry reads the entry again and sees its new answer."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    assert await cache.resolve("k") == T
+    for renewals in (1, 2):
+        await asyncio.sleep(0.06)
+        assert await cache.resolve("k") == T
+        assert (inner.calls, cache.lookups, cache.renewed) == (1, 1, renewals)
+        assert cache.cached("k")[2]  # fresh again: the request path serves it without a lookup
+    revoked = BillingTarget(customer="cus_1", revoked=True)
+    inner.answer, inner.count = revoked, 8  # a revocation, counted with it
+    assert await cache.resolve("k") == T  # within the TTL, as before
+    await asyncio.sleep(0.06)
+    assert await cache.resolve("k") == revoked
+    assert (inner.calls, cache.lookups, cache.renewed) == (2, 2, 2)
+
+
+async def test_the_change_count_is_read_once_for_every_key_expiring_together() -> None:
+    """The count is read at most once a ``changes_max_age``, whatever the number of keys expiring."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=60)
+    for n in range(20):
+        await cache.resolve(f"k{n}")
+    await asyncio.sleep(0.06)
+    for n in range(20):
+        assert await cache.resolve(f"k{n}") == T
+    assert (inner.calls, inner.count_reads, cache.renewed) == (20, 1, 20)
+
+
+async def test_reading_the_count_keeps_every_entry_due_soon_so_the_request_path_keeps_serving_them() -> None:
+    """The first expiry that reads the count keeps, at once, every entry read at that count that has
+    expired or expires within ``renew_ahead``; entries due later keep their own expiry."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=1.0, changes_max_age=0, renew_ahead=0.3)
+    for n in range(5):
+        await cache.resolve(f"k{n}")
+    await asyncio.sleep(0.6)
+    await cache.resolve("late")  # expires 0.6 s after the others
+    await asyncio.sleep(0.5)
+    assert not any(cache.cached(f"k{n}")[2] for n in range(5))  # all five expired
+    assert await cache.resolve("k0") == T
+    assert all(cache.cached(f"k{n}")[2] for n in range(5))  # kept together, with one count read
+    assert (inner.calls, inner.count_reads, cache.renewed) == (6, 1, 5)
+    late, kept = cache._entries.get(fingerprint(b"late")[0]), cache._entries.get(fingerprint(b"k0")[0])
+    assert late is not None
+    assert kept is not None
+    assert late[0] < kept[0] - 0.3  # not due soon: left as it was
+
+
+async def test_keys_expiring_together_share_one_count_read() -> None:
+    """Entries kept together expire together: their first requests, all at once, read the count once
+    between them, and the one sweep that comes with it keeps every entry."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    for n in range(20):
+        await cache.resolve(f"k{n}")
+    await asyncio.sleep(0.06)
+    assert await asyncio.gather(*(cache.resolve(f"k{n}") for n in range(20))) == [T] * 20
+    assert (inner.calls, inner.count_reads, cache.renewed) == (20, 1, 20)
+
+
+async def test_an_entry_kept_by_the_count_is_read_again_after_recheck_after() -> None:
+    """However long the count stands still, an entry is read in full again every ``recheck_after``."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0, recheck_after=0.15)
+    await cache.resolve("k")
+    await asyncio.sleep(0.06)
+    await cache.resolve("k")
+    assert (inner.calls, cache.renewed) == (1, 1)
+    await asyncio.sleep(0.12)  # 0.18 s since the entry was read
+    await cache.resolve("k")
+    assert (inner.calls, cache.renewed) == (2, 1)
+
+
+async def test_no_count_or_a_failed_count_means_a_lookup_and_negatives_are_never_kept() -> None:
+    """Where the count is not kept (a cluster: None) or cannot be read, an expired entry is looked up as
+    before (and served stale if that fails too); unknown keys keep their negative TTL."""
+    inner = Counted(T)
+    inner.count = None
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    await cache.resolve("k")
+    await asyncio.sleep(0.06)
+    await cache.resolve("k")
+    assert (inner.calls, cache.renewed) == (2, 0)
+
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    await cache.resolve("k")
+    await asyncio.sleep(0.06)
+    inner.count_fails = inner.fail = True  # Redis is down
+    assert await cache.resolve("k") == T
+    assert (inner.calls, cache.renewed, cache.stale_served) == (2, 0, 1)
+
+    inner = Counted(None)
+    cache = CachingResolver(inner, ttl=60, negative_ttl=0.05, changes_max_age=0)
+    await cache.resolve("guess")
+    await asyncio.sleep(0.06)
+    await cache.resolve("guess")
+    assert (inner.calls, cache.renewed) == (2, 0)
+
+
+async def test_invalidating_a_key_forgets_when_it_was_read() -> None:
+    """A key invalidated here (revoked in this process) is looked up in full at its next request."""
+    inner = Counted(T)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    await cache.resolve("k")
+    cache.invalidate("k")
+    await cache.resolve("k")
+    assert (inner.calls, cache.renewed) == (2, 0)
+
+
 async def test_static_resolver_hashes_keys_on_load(tmp_path: Path) -> None:
     """Static keys resolve by hash; the JSON may give keys or their sha256."""
     raw = {

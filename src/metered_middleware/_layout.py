@@ -147,6 +147,11 @@ class Layout:
         """Hash: short key id -> key hash (for revoke/list by id)."""
         return f"{self.namespace}:keyids"
 
+    def key_changes(self) -> str:
+        """String: a counter bumped with every change to an existing key's entry (a revocation, a
+        subscription's new status or period), so caches can tell that an entry they hold is still current."""
+        return f"{self.namespace}:keychanges"
+
     def customer_keys(self, customer: str) -> str:
         """Set: key hashes of a customer."""
         return f"{self.namespace}:customer:{customer}:keys"

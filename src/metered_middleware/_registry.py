@@ -79,6 +79,44 @@ class KeyRegistry:
         record = await self._record(hash_key(key, self.pepper))
         return None if record is None else record.target
 
+    async def changes(self) -> int | None:
+        """How many times existing keys' entries have changed (revocations, subscription updates), or None
+        where that is not tracked (Redis Cluster, where a change and its count cannot be written together).
+
+        The count and the entry change in one transaction, so an entry read after a count, with that count
+        unchanged since, is the entry as it is now (``CachingResolver`` keeps such entries without reading
+        them again).
+        """
+        if not self._atomic:
+            return None
+        try:
+            raw = await read_with_retry(lambda: self.redis.get(self.layout.key_changes()))
+        except REDIS_FAILURES as exc:
+            raise StorageError(f"reading the key change count failed: {exc}") from exc
+        return int(raw or 0)
+
+    async def resolve_counted(self, key: str) -> tuple[BillingTarget | None, int | None]:
+        """``resolve`` and the change count read just before the entry (``changes``; None on a cluster)."""
+        if not self._atomic:
+            return await self.resolve(key), None
+        key_hash = hash_key(key, self.pepper)
+
+        async def read() -> list[Any]:
+            # One connection, in order: the count is read before the entry, so a change made in between
+            # leaves the count older than the entry, and the cache reads the entry again next time.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.layout.key_changes())
+                pipe.hgetall(self.layout.key(key_hash))
+                result: list[Any] = await pipe.execute()
+                return result
+
+        try:
+            count, raw = await read_with_retry(read)
+        except REDIS_FAILURES as exc:
+            raise StorageError(f"key lookup failed: {exc}") from exc
+        record = self._parse(key_hash, raw)
+        return (None if record is None else record.target), int(count or 0)
+
     async def _hash_of(self, key_or_id: str) -> str | None:
         """Accept a key, a key id, or a full hash, and return the stored hash."""
         try:
@@ -121,9 +159,13 @@ class KeyRegistry:
             return None
         now = int(time.time())
         try:
-            # HSETNX keeps the first revocation time when a key is revoked twice.
-            await self.redis.hset(self.layout.key(key_hash), "revoked", "1")
-            await self.redis.hsetnx(self.layout.key(key_hash), "revoked_at", str(now))
+            # HSETNX keeps the first revocation time when a key is revoked twice. The change count goes up
+            # with it, in the same transaction: caches elsewhere read the entry again at its expiry.
+            async with self.redis.pipeline(transaction=self._atomic) as pipe:
+                pipe.hset(self.layout.key(key_hash), "revoked", "1")
+                pipe.hsetnx(self.layout.key(key_hash), "revoked_at", str(now))
+                pipe.incr(self.layout.key_changes())
+                await pipe.execute()
         except REDIS_FAILURES as exc:
             raise StorageError(f"revoking a key failed: {exc}") from exc
         return await self._record(key_hash)
@@ -145,6 +187,10 @@ class KeyRegistry:
             raw = await read_with_retry(lambda: self.redis.hgetall(self.layout.key(key_hash)))
         except REDIS_FAILURES as exc:
             raise StorageError(f"key lookup failed: {exc}") from exc
+        return self._parse(key_hash, raw)
+
+    @staticmethod
+    def _parse(key_hash: str, raw: Any) -> KeyRecord | None:
         if not raw:
             return None
         fields = _decode(raw)
@@ -205,6 +251,7 @@ class KeyRegistry:
             async with self.redis.pipeline(transaction=self._atomic) as pipe:
                 for key_hash in hashes:
                     pipe.hset(self.layout.key(_text(key_hash)), mapping=fields)
+                pipe.incr(self.layout.key_changes())  # with the entries, in the same transaction
                 await pipe.execute()
         except REDIS_FAILURES as exc:
             raise StorageError(f"updating subscription {subscription} failed: {exc}") from exc

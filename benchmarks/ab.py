@@ -89,13 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32, help="connections per wrk (default 32)")
     parser.add_argument("--keys", type=int, default=1000, help="API keys, rotated per request (1000)")
     parser.add_argument("--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW (0.05 s)")
-    parser.add_argument(
-        "--cache-ttl",
-        type=float,
-        default=60.0,
-        help="METERED_CACHE_TTL of the metered app (60 s): each key is looked up again once a TTL, "
-        "which a run shorter than the TTL never sees; set it below the run to measure that steady state",
-    )
+    run.add_cache_ttl(parser)
     parser.add_argument("--app-cpus", default="0", help="the core both servers share (default 0)")
     for side in ("a", "b"):
         parser.add_argument(

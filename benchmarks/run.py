@@ -126,6 +126,17 @@ class Sample:
 # -- the environment --------------------------------------------------------------------------------
 
 
+def add_cache_ttl(parser: argparse.ArgumentParser) -> None:
+    """``--cache-ttl``: the metered app's ``METERED_CACHE_TTL`` (``MM_BENCH_CACHE_TTL``), in both scripts."""
+    parser.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=60.0,
+        help="METERED_CACHE_TTL of the metered app (60 s): an expired entry costs a lookup, or a "
+        "change-count check, which a run shorter than the TTL never sees; set it lower to include them",
+    )
+
+
 def pin(cpus: str) -> list[str]:
     """A ``taskset`` prefix when pinning is possible on this machine."""
     if shutil.which("taskset") is None or not cpus:
@@ -516,13 +527,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=float, default=0.05, help="METERED_COALESCE_WINDOW of the metered app (0.05 s)"
     )
-    parser.add_argument(
-        "--cache-ttl",
-        type=float,
-        default=60.0,
-        help="METERED_CACHE_TTL of the metered app (60 s): each key is looked up again once a TTL, "
-        "which a run shorter than the TTL never sees; set it below the run to measure that steady state",
-    )
+    add_cache_ttl(parser)
     parser.add_argument("--no-flusher-part", action="store_true", help="skip the flusher-alone part")
     parser.add_argument(
         "--flusher-targets",

@@ -202,11 +202,11 @@ async def test_a_change_made_elsewhere_reaches_a_cache_at_its_next_expiry(redis_
     here, elsewhere = connect(redis_url), connect(redis_url)
     try:
         registry = KeyRegistry(here)
-        cache = CachingResolver(registry, ttl=0.1, changes_max_age=0)
+        cache = CachingResolver(registry, ttl=0.5, changes_max_age=0)
         kept, revoked = (await registry.create(TARGET)).key, (await registry.create(TARGET)).key
         for key in (kept, revoked):
             assert (await cache.resolve(key)) == replace(TARGET, key_id=key_id_of(hash_key(key)))
-        await asyncio.sleep(0.12)
+        await asyncio.sleep(0.52)
         await cache.resolve(kept)
         # Nothing changed: both kept without a lookup (the second with the count read for the first).
         assert (cache.lookups, cache.renewed) == (2, 2)
@@ -214,7 +214,7 @@ async def test_a_change_made_elsewhere_reaches_a_cache_at_its_next_expiry(redis_
 
         await KeyRegistry(elsewhere).revoke(revoked)
         await KeyRegistry(elsewhere).update_subscription("sub_1", period_start=100, period_end=200)
-        await asyncio.sleep(0.12)
+        await asyncio.sleep(0.52)
         after_revoke = await cache.resolve(revoked)
         after_update = await cache.resolve(kept)
         assert after_revoke is not None

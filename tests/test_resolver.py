@@ -131,17 +131,17 @@ async def test_an_expired_entry_is_kept_while_the_change_count_stands_still() ->
     """In front of a counted resolver, an expired target is kept for another TTL without a lookup; once
     the count moves, the next expiry reads the entry again and sees its new answer."""
     inner = Counted(T)
-    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
+    cache = CachingResolver(inner, ttl=0.4, changes_max_age=0)
     assert await cache.resolve("k") == T
     for renewals in (1, 2):
-        await asyncio.sleep(0.06)
+        await asyncio.sleep(0.41)
         assert await cache.resolve("k") == T
         assert (inner.calls, cache.lookups, cache.renewed) == (1, 1, renewals)
         assert cache.cached("k")[2]  # fresh again: the request path serves it without a lookup
     revoked = BillingTarget(customer="cus_1", revoked=True)
     inner.answer, inner.count = revoked, 8  # a revocation, counted with it
     assert await cache.resolve("k") == T  # within the TTL, as before
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.41)
     assert await cache.resolve("k") == revoked
     assert (inner.calls, cache.lookups, cache.renewed) == (2, 2, 2)
 
@@ -193,12 +193,12 @@ async def test_keys_expiring_together_share_one_count_read() -> None:
 async def test_an_entry_kept_by_the_count_is_read_again_after_recheck_after() -> None:
     """However long the count stands still, an entry is read in full again every ``recheck_after``."""
     inner = Counted(T)
-    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0, recheck_after=0.15)
+    cache = CachingResolver(inner, ttl=0.05, changes_max_age=0, recheck_after=0.6)
     await cache.resolve("k")
     await asyncio.sleep(0.06)
     await cache.resolve("k")
     assert (inner.calls, cache.renewed) == (1, 1)
-    await asyncio.sleep(0.12)  # 0.18 s since the entry was read
+    await asyncio.sleep(0.6)  # 0.66 s since the entry was read
     await cache.resolve("k")
     assert (inner.calls, cache.renewed) == (2, 1)
 

@@ -85,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("b", help="the factory compared with it (e.g. create_metered)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measured runs per round on the same two servers, each printed (1): more shows how a "
+        "server's cost moves as it keeps running",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each run (2; 0: none)")
     parser.add_argument("--connections", type=int, default=32, help="connections per wrk (default 32)")
     parser.add_argument("--keys", type=int, default=1000, help="API keys, rotated per request (1000)")
@@ -141,36 +148,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 if args.warmup > 0:
                     both(args.warmup)
-                looked_up = [key_lookups(u) for u in urls]
-                before = run.process_cpu(a.pid), run.process_cpu(b.pid)
-                ticks = run.machine_ticks()
-                load_a, load_b = both(args.duration)
-                used = run.process_cpu(a.pid) - before[0], run.process_cpu(b.pid) - before[1]
-                steal = run.steal_share(ticks, run.machine_ticks())
-                after = [key_lookups(u) for u in urls]
-                lookups = [
-                    None if start is None or end is None else end - start
-                    for start, end in zip(looked_up, after, strict=True)
-                ]
-                missed += sum(n or 0 for n in lookups)
-            us_a = used[0] / max(1, load_a["requests"]) * 1e6
-            us_b = used[1] / max(1, load_b["requests"]) * 1e6
-            cpu["a"].append(us_a)
-            cpu["b"].append(us_b)
-            cost_ratios.append(us_a / us_b if us_b else 0.0)
-            bad = load_a["non2xx"] + load_b["non2xx"] + load_a["socket_errors"] + load_b["socket_errors"]
-            status = status or int(bad > 0)
-            print(
-                f"round {n}: a {load_a['requests']} requests {us_a:6.1f} us/req p99 "
-                f"{load_a['p99_us'] / 1000:.2f} ms | b {load_b['requests']} requests {us_b:6.1f} us/req p99 "
-                f"{load_b['p99_us'] / 1000:.2f} ms | cost ratio a/b {cost_ratios[-1]:.3f} | steal {steal:.1%}"
-                + " | key lookups a/b "
-                + "/".join("-" if n is None else str(n) for n in lookups)
-                + (f"  ({bad} non-2xx or socket errors)" if bad else ""),
-                flush=True,
-            )
+                for k in range(1, args.runs + 1):
+                    label = f"round {n}" if args.runs == 1 else f"round {n} run {k}"
+                    looked_up = [key_lookups(u) for u in urls]
+                    before = run.process_cpu(a.pid), run.process_cpu(b.pid)
+                    ticks = run.machine_ticks()
+                    load_a, load_b = both(args.duration)
+                    used = run.process_cpu(a.pid) - before[0], run.process_cpu(b.pid) - before[1]
+                    steal = run.steal_share(ticks, run.machine_ticks())
+                    after = [key_lookups(u) for u in urls]
+                    lookups = [
+                        None if start is None or end is None else end - start
+                        for start, end in zip(looked_up, after, strict=True)
+                    ]
+                    missed += sum(n or 0 for n in lookups)
+                    us_a = used[0] / max(1, load_a["requests"]) * 1e6
+                    us_b = used[1] / max(1, load_b["requests"]) * 1e6
+                    cpu["a"].append(us_a)
+                    cpu["b"].append(us_b)
+                    cost_ratios.append(us_a / us_b if us_b else 0.0)
+                    bad = sum(load["non2xx"] + load["socket_errors"] for load in (load_a, load_b))
+                    status = status or int(bad > 0)
+                    print(
+                        f"{label}: a {load_a['requests']} requests {us_a:6.1f} us/req p99 "
+                        f"{load_a['p99_us'] / 1000:.2f} ms | b {load_b['requests']} requests "
+                        f"{us_b:6.1f} us/req p99 {load_b['p99_us'] / 1000:.2f} ms | cost ratio a/b "
+                        f"{cost_ratios[-1]:.3f} | steal {steal:.1%} | key lookups a/b "
+                        + "/".join("-" if n is None else str(n) for n in lookups)
+                        + (f"  ({bad} non-2xx or socket errors)" if bad else ""),
+                        flush=True,
+                    )
         print(
-            f"\n{args.rounds} rounds: server CPU per request a {statistics.median(cpu['a']):.1f} us, "
+            f"\n{len(cost_ratios)} runs: server CPU per request a {statistics.median(cpu['a']):.1f} us, "
             f"b {statistics.median(cpu['b']):.1f} us; cost ratio a/b, median "
             f"{statistics.median(cost_ratios):.3f} (range {min(cost_ratios):.3f}-{max(cost_ratios):.3f})"
         )

@@ -153,6 +153,20 @@ def test_ab_script_says_when_a_metered_server_measured_cache_misses() -> None:
         assert "looked up 20 keys in Redis during the measured runs" in proc.stdout
 
 
+def test_ab_script_measures_several_runs_on_the_same_servers() -> None:
+    """--runs measures one pair of servers again and again without restarting them (how a server's cost is
+    followed as it keeps running): with no warm-up the first run looks the 20 keys up, and the second,
+    on the same warm cache, none."""
+    proc = run_ab("create_bare", "create_metered", "--warmup", "0", "--runs", "2")
+    if proc is not None:
+        assert "round 1 run 1: a " in proc.stdout
+        assert "round 1 run 2: a " in proc.stdout
+        first, second = (line for line in proc.stdout.splitlines() if line.startswith("round 1 run "))
+        assert first.endswith("| key lookups a/b -/20")
+        assert second.endswith("| key lookups a/b -/0")
+        assert "2 runs: server CPU per request" in proc.stdout
+
+
 def test_ab_script_passes_the_cache_ttl_to_the_metered_app() -> None:
     """--cache-ttl reaches the metered server: with no caching (0), its 20 keys are looked up again and
     again (concurrent requests for a key share a lookup), and the script says the figures include them."""

@@ -180,6 +180,12 @@ class MeteringMetrics(Collector):
             mw.resolver.lookups,
         )
         yield CounterMetricFamily(
+            "metered_key_cache_renewals",
+            "Expired cache entries kept for another TTL without a lookup: the registry's change count had "
+            "not moved since the entry was read.",
+            mw.resolver.renewed,
+        )
+        yield CounterMetricFamily(
             "metered_key_lookups_stale",
             "Failed lookups answered with the key's expired cache entry.",
             mw.resolver.stale_served,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -104,6 +105,36 @@ async def test_scrape_during_run_matches_requests_counts_and_deliveries(
     assert total(after, "metered_pending_units") == 0
     assert total(after, "metered_batches_in_flight") == 0
     assert total(after, "metered_lease_held") == 0  # the flusher released its leases on exit
+
+
+async def test_cache_renewals_and_lookups_after_expiry_are_counted(
+    billing: Billing, redis_client: aioredis.Redis
+) -> None:
+    """An expired entry kept because nothing changed in the registry counts as a renewal, not a lookup; a
+    revocation moves the registry's change count, so the next expiry looks the key up (and refuses it)."""
+    registry = KeyRegistry(redis_client)
+    key = (await registry.create(billing.subscribe("renew"))).key
+    metered = MeteringMiddleware(make_app(), redis=redis_client, environ={}, shards=SHARDS, cache_ttl=0.4)
+    endpoint = metrics_app(MeteringMetrics(middleware=metered))
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=metered), base_url="http://t") as api,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=endpoint), base_url="http://t") as ops,
+    ):
+        assert (await api.get("/v1/hello", headers={"X-API-Key": key})).status_code == 200
+        await anyio.sleep(0.6)  # past the TTL, and past the change count's own age limit (ttl / 2)
+        assert (await api.get("/v1/hello", headers={"X-API-Key": key})).status_code == 200
+        renewed = await scrape(ops)
+        assert total(renewed, "metered_key_lookups_total") == 1
+        assert total(renewed, "metered_key_cache_renewals_total") == 1
+
+        await registry.revoke(key)
+        await anyio.sleep(0.6)
+        refused = await api.get("/v1/hello", headers={"X-API-Key": key})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, "api_key_revoked")
+        revoked = await scrape(ops)
+        assert total(revoked, "metered_key_lookups_total") == 2
+        assert total(revoked, "metered_key_cache_renewals_total") == 1
+    await metered.aclose()
 
 
 async def test_stripe_errors_and_retries_are_counted_by_type(

@@ -8,13 +8,23 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import httpcore
 import pytest
 import trustme
+from anyio.abc import SocketAttribute, SocketStream
 
 from metered_middleware._asyncio_net import _HIGH_WATER, AsyncioBackend
+from metered_middleware._sinks import _HTTPXClient
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[("asyncio", {}), ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """asyncio's own loop (the flusher worker's) and uvloop (an in-app flusher under uvicorn's)."""
+    return request.param  # type: ignore[no-any-return]
+
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 BODY = b'{"object": "billing.meter_event"}'
@@ -246,3 +256,34 @@ async def test_a_server_that_never_starts_tls_is_a_connect_timeout(ca: trustme.C
     async with serving(plain_silent) as port, pool(ssl_context=client_context(ca)) as http:
         with pytest.raises(httpcore.ConnectTimeout):
             await http.request("GET", f"https://localhost:{port}/", extensions=timeouts(0.3))
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_under_trio_the_flusher_client_goes_through_httpcores_anyio_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flusher runs under trio as well (it is written on anyio): there the backend hands each
+    connection to httpcore's anyio backend, and the SDK client's requests get their answers."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def handle(stream: SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            await stream.send(answer(close=True))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)  # noqa: S610 (anyio's typed attributes, not Django's)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        client = _HTTPXClient(timeout=5, concurrency=2)
+        try:
+            body, status, headers = await client.request_async(
+                "post", f"http://127.0.0.1:{port}/v1/billing/meter_events", {"Content-Length": "3"}, "a=1"
+            )
+        finally:
+            await client.close_async()
+        tg.cancel_scope.cancel()
+    assert (status, body, headers["content-type"]) == (200, BODY, "application/json")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httpcore
+import sniffio
 
 __all__ = ["AsyncioBackend"]
 
@@ -52,8 +53,8 @@ class _Protocol(asyncio.Protocol):
         self.writer: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's does not subclass asyncio.Transport, so no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -201,7 +202,14 @@ class _Stream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on asyncio transports (see the module's docstring for why)."""
+    """httpcore's network backend on asyncio transports (see the module's docstring for why).
+
+    Under another event loop (the flusher runs under trio too), it hands each call to httpcore's anyio
+    backend, as httpcore itself would.
+    """
+
+    def __init__(self) -> None:
+        self._other = httpcore.AnyIOBackend()
 
     async def connect_tcp(
         self,
@@ -211,6 +219,8 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        if sniffio.current_async_library() != "asyncio":
+            return await self._other.connect_tcp(host, port, timeout, local_address, socket_options)
         loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
         try:
@@ -229,6 +239,8 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        if sniffio.current_async_library() != "asyncio":
+            return await self._other.connect_unix_socket(path, timeout, socket_options)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -241,7 +253,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         return _Stream(transport, protocol)
 
     async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        await self._other.sleep(seconds)  # anyio's, on whichever loop runs
 
 
 def _apply(transport: asyncio.Transport, options: Iterable[httpcore.SOCKET_OPTION] | None) -> None:

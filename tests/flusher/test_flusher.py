@@ -40,6 +40,21 @@ async def test_counted_usage_reaches_stripe_exactly(world: World, http_client: H
 
 
 @pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_a_flusher_on_uvloop_delivers_exactly(world: World, http_client: HTTPClientName) -> None:
+    """An in-app flusher runs on the app server's loop, uvloop under uvicorn: delivery through either
+    transport works there too (uvloop's transports are not asyncio's classes)."""
+    world.http_client = http_client
+    targets = [world.subscribe(f"u{i}") for i in range(3)]
+    await world.count([(t, i + 2) for i, t in enumerate(targets)])
+    async with Flusher(world.settings()) as flusher:
+        report = await flusher.flush_once()
+    assert report.complete, report
+    assert report.delivered == 3
+    await world.assert_exact()
+
+
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 @pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "commit_then_500", "commit_then_drop"])
 async def test_stripe_storms_delay_delivery_but_totals_stay_exact(
     world: World, fault: str, http_client: HTTPClientName

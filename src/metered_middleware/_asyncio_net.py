@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Iterable
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import httpcore
 import sniffio
@@ -82,6 +82,23 @@ class _Protocol(asyncio.Protocol):
         self.paused_writing = False
         self._wake_writer()
 
+    async def wait(self, slot: Literal["reader", "writer"], timeout: float | None) -> bool:
+        """Wait, as the reader or the writer, to be woken; False when ``timeout`` passed first (one loop
+        timer: no task, no cancel scope)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        setattr(self, slot, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            return False
+        finally:
+            setattr(self, slot, None)
+            if timer is not None:
+                timer.cancel()
+        return True
+
     def _wake_reader(self) -> None:
         if self.reader is not None and not self.reader.done():
             self.reader.set_result(None)
@@ -91,18 +108,6 @@ class _Protocol(asyncio.Protocol):
             self.writer.set_result(None)
 
 
-async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> None:
-    """Await ``waiter``; TimeoutError after ``timeout`` seconds (one loop timer, no task, no scope)."""
-    if timeout is None:
-        await waiter
-        return
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-
-
 class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
@@ -110,14 +115,9 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
-        if not protocol.buffer and not protocol.eof:
-            protocol.reader = asyncio.get_running_loop().create_future()
-            try:
-                await _wait(protocol.reader, timeout)
-            except TimeoutError:
-                raise httpcore.ReadTimeout("timed out reading from Stripe") from None
-            finally:
-                protocol.reader = None
+        # Nothing buffered and the connection open: wait for data (or its end).
+        if not protocol.buffer and not protocol.eof and not await protocol.wait("reader", timeout):
+            raise httpcore.ReadTimeout("timed out reading from Stripe")
         buffer = protocol.buffer
         if buffer:
             if len(buffer) <= max_bytes:
@@ -143,13 +143,8 @@ class _Stream(httpcore.AsyncNetworkStream):
         self._transport.write(buffer)
         if not protocol.paused_writing:
             return
-        protocol.writer = asyncio.get_running_loop().create_future()
-        try:
-            await _wait(protocol.writer, timeout)
-        except TimeoutError:
-            raise httpcore.WriteTimeout("timed out writing to Stripe") from None
-        finally:
-            protocol.writer = None
+        if not await protocol.wait("writer", timeout):
+            raise httpcore.WriteTimeout("timed out writing to Stripe")
         if protocol.lost:
             raise httpcore.WriteError(str(protocol.error or "the connection is closed"))
 

@@ -263,10 +263,9 @@ class _HTTPXClient(stripe.HTTPClient):
                 # A case-insensitive mapping, as the SDK reads its headers (Request-Id, Stripe-Should-Retry).
                 return answer.content, answer.status, httpx.Headers(answer.headers)
             response = await self._clients[index].request(method, url, headers=headers, content=post_data)
-        except _HTTPCORE_ERRORS as exc:
-            raise _connection_error(exc) from exc
-        except httpx.HTTPError as exc:
-            raise _connection_error(exc) from exc
+        except (*_HTTPCORE_ERRORS, httpx.HTTPError) as exc:
+            message = f"Unexpected error communicating with Stripe ({type(exc).__name__}: {exc})"
+            raise stripe.APIConnectionError(message, should_retry=True) from exc  # type: ignore[no-untyped-call]
         finally:
             self._busy[index] -= 1
         return response.content, response.status_code, response.headers
@@ -277,11 +276,6 @@ class _HTTPXClient(stripe.HTTPClient):
             await pool.aclose()
         for client in self._clients:
             await client.aclose()
-
-
-def _connection_error(exc: Exception) -> stripe.APIConnectionError:
-    message = f"Unexpected error communicating with Stripe ({type(exc).__name__}: {exc})"
-    return stripe.APIConnectionError(message, should_retry=True)  # type: ignore[no-untyped-call]
 
 
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPClient]:

@@ -127,6 +127,13 @@ class Counted(Counting):
         return await self.resolve(key), count
 
 
+async def resolve_across_expiry(cache: CachingResolver, key: str) -> BillingTarget | None:
+    """Resolve ``key``, wait past a 50 ms TTL, and resolve it again; the second answer."""
+    await cache.resolve(key)
+    await asyncio.sleep(0.06)
+    return await cache.resolve(key)
+
+
 async def test_an_expired_entry_is_kept_while_the_change_count_stands_still() -> None:
     """In front of a counted resolver, an expired target is kept for another TTL without a lookup; once
     the count moves, the next expiry reads the entry again and sees its new answer."""
@@ -194,9 +201,7 @@ async def test_an_entry_kept_by_the_count_is_read_again_after_recheck_after() ->
     """However long the count stands still, an entry is read in full again every ``recheck_after``."""
     inner = Counted(T)
     cache = CachingResolver(inner, ttl=0.05, changes_max_age=0, recheck_after=0.6)
-    await cache.resolve("k")
-    await asyncio.sleep(0.06)
-    await cache.resolve("k")
+    await resolve_across_expiry(cache, "k")
     assert (inner.calls, cache.renewed) == (1, 1)
     await asyncio.sleep(0.6)  # 0.66 s since the entry was read
     await cache.resolve("k")
@@ -209,9 +214,7 @@ async def test_no_count_or_a_failed_count_means_a_lookup_and_negatives_are_never
     inner = Counted(T)
     inner.count = None
     cache = CachingResolver(inner, ttl=0.05, changes_max_age=0)
-    await cache.resolve("k")
-    await asyncio.sleep(0.06)
-    await cache.resolve("k")
+    await resolve_across_expiry(cache, "k")
     assert (inner.calls, cache.renewed) == (2, 0)
 
     inner = Counted(T)
@@ -224,9 +227,7 @@ async def test_no_count_or_a_failed_count_means_a_lookup_and_negatives_are_never
 
     inner = Counted(None)
     cache = CachingResolver(inner, ttl=60, negative_ttl=0.05, changes_max_age=0)
-    await cache.resolve("guess")
-    await asyncio.sleep(0.06)
-    await cache.resolve("guess")
+    await resolve_across_expiry(cache, "guess")
     assert (inner.calls, cache.renewed) == (2, 0)
 
 

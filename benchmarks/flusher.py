@@ -9,7 +9,8 @@ them, as it would not for real traffic spread over many customers. The emulator 
 subscriptions are made in bulk there with ``StripeEmulator.seed_customers`` (100,000 targets without
 200,000 setup requests). The flusher runs in this process. ``--repeat N`` runs each sink N times and prints
 the median; ``--seconds S`` stops each run after S seconds and counts what was delivered by then. Each sink
-is measured through each HTTP client (``--http-client httpx|aiohttp`` picks one; aiohttp is optional).
+is measured through each HTTP client (``--http-client httpx|aiohttp`` picks one; aiohttp is what ``auto``,
+the default, picks on asyncio).
 """
 
 from __future__ import annotations

@@ -512,9 +512,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stripe-rate", default="auto", help="the flusher's Stripe rate limit (auto)")
     parser.add_argument(
         "--http-client",
-        choices=("httpx", "aiohttp"),
-        default="httpx",
-        help="the flusher's transport to Stripe, METERED_HTTP_CLIENT (httpx)",
+        choices=("auto", "httpx", "aiohttp"),
+        default="auto",
+        help="the flusher's transport to Stripe, METERED_HTTP_CLIENT (auto: the default, aiohttp on asyncio)",
     )
     parser.add_argument("--flush-interval", type=float, default=5.0, help="the flusher's interval (5 s)")
     parser.add_argument(

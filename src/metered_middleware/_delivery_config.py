@@ -13,12 +13,24 @@ from typing import Any, Final, Literal
 from metered_middleware._errors import ConfigurationError
 from metered_middleware._parse import check_store, parse_choice, parse_int, parse_seconds, read_store, taker
 
-__all__ = ["HTTP_CLIENTS", "SINKS", "DeliverySettings", "HTTPClientName", "SinkName"]
+__all__ = [
+    "HTTP_CLIENTS",
+    "HTTP_CLIENT_CHOICES",
+    "SINKS",
+    "DeliverySettings",
+    "HTTPClientName",
+    "SinkName",
+    "TransportName",
+]
 
 SINKS: Final = ("meter_events", "usage_records", "meter_event_stream")
 SinkName = Literal["meter_events", "usage_records", "meter_event_stream"]
+# The flusher's transports to Stripe, and what METERED_HTTP_CLIENT accepts: one of them, or "auto" (aiohttp
+# where it can run, httpx elsewhere; ``_sinks.pick_transport``).
 HTTP_CLIENTS: Final = ("httpx", "aiohttp")
-HTTPClientName = Literal["httpx", "aiohttp"]
+TransportName = Literal["httpx", "aiohttp"]
+HTTP_CLIENT_CHOICES: Final = ("auto", *HTTP_CLIENTS)
+HTTPClientName = Literal["auto", "httpx", "aiohttp"]
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _KEY_RE: Final = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]+$")
 _VERSION_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
@@ -77,7 +89,7 @@ class DeliverySettings:
     retry_attempts: int = 8
     retry_backoff: float = 0.5
     retry_backoff_max: float = 30.0
-    http_client: HTTPClientName = "httpx"
+    http_client: HTTPClientName = "auto"
 
     def __post_init__(self) -> None:
         if not _KEY_RE.fullmatch(self.stripe_api_key or ""):
@@ -89,13 +101,16 @@ class DeliverySettings:
         check_store(self.redis_url, self.namespace, self.shards)
         if self.sink not in SINKS:
             raise ConfigurationError("METERED_SINK", self.sink, " or ".join(SINKS))
-        if self.http_client not in HTTP_CLIENTS:
-            raise ConfigurationError("METERED_HTTP_CLIENT", self.http_client, " or ".join(HTTP_CLIENTS))
+        if self.http_client not in HTTP_CLIENT_CHOICES:
+            raise ConfigurationError(
+                "METERED_HTTP_CLIENT", self.http_client, " or ".join(HTTP_CLIENT_CHOICES)
+            )
         if self.http_client == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+            # A dependency of the package: missing only where it was uninstalled or the install is broken.
             raise ConfigurationError(
                 "METERED_HTTP_CLIENT",
                 self.http_client,
-                "aiohttp is not installed: pip install 'metered-middleware[aiohttp]', or use httpx",
+                "aiohttp is not installed: pip install 'metered-middleware[aiohttp]', or use httpx or auto",
             )
         if self.meter_event_name is not None and not re.fullmatch(
             r"[A-Za-z0-9_.:-]{1,100}", self.meter_event_name
@@ -153,7 +168,7 @@ class DeliverySettings:
         read_store(env, values)
         take = taker(env, values)
         take("METERED_SINK", "sink", parse_choice(SINKS))
-        take("METERED_HTTP_CLIENT", "http_client", parse_choice(HTTP_CLIENTS))
+        take("METERED_HTTP_CLIENT", "http_client", parse_choice(HTTP_CLIENT_CHOICES))
         take("METERED_METER_EVENT_NAME", "meter_event_name", lambda _n, r: r.strip())
         take("METERED_FLUSH_INTERVAL", "flush_interval", lambda n, r: parse_seconds(n, r, 0.01, 86_400))
         take("METERED_STRIPE_API_BASE", "api_base", _url)

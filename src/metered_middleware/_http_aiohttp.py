@@ -1,10 +1,10 @@
-"""The SDK's async HTTP client over aiohttp: the flusher's optional transport (METERED_HTTP_CLIENT=aiohttp).
+"""The SDK's async HTTP client over aiohttp: the flusher's transport on asyncio (METERED_HTTP_CLIENT=auto).
 
-A Stripe call through httpx costs the flusher 1.6-1.8 ms of CPU on this project's benchmark machine
-(httpcore's connection bookkeeping, an anyio cancel scope around every read and write, h11's header checks,
-httpx's request model). aiohttp parses HTTP in C and costs about 0.75 ms for the same call, which takes one
-flusher past 1,000 v1 lines a second (``benchmarks/flusher.py``). httpx stays the default; this client is
-for deployments that raise Stripe's rate limits and want the CPU back.
+A Stripe call through httpx costs the flusher 1.2-1.3 ms of CPU on this project's benchmark machine, even on
+httpcore's pool with the asyncio network backend (h11's parsing and header checks, httpcore's models and
+locks). aiohttp parses HTTP in C and costs 0.65-0.75 ms for the same call, which takes one flusher past
+Stripe's 1,000 v1 calls a second (``benchmarks/flusher.py``), so ``auto`` picks it wherever it can run:
+on asyncio, unless only ``ALL_PROXY`` is set (``_sinks.pick_transport``).
 
 It is written like the httpx one: a documented ``stripe.HTTPClient`` subclass, every transport error (a
 refused connection, a reset, a response lost after Stripe committed, a timeout) raised as the SDK's

@@ -1,13 +1,14 @@
 """The three ways usage reaches Stripe, behind one small interface, and how Stripe's answers are classified.
 
-Every sink goes through the official SDK's async methods (httpx underneath, or aiohttp with
-``METERED_HTTP_CLIENT=aiohttp``), one client per flusher, and sends
+Every sink goes through the official SDK's async methods (aiohttp underneath on asyncio, httpx under trio
+or with ``METERED_HTTP_CLIENT=httpx``), one client per flusher, and sends
 exactly the parameters it is given: the flusher derives them from the stored batch, so a retry is identical.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import ssl
 import time
@@ -20,12 +21,13 @@ from typing import Any, Final, Literal, Protocol
 import anyio
 import httpcore
 import httpx
+import sniffio
 import stripe
 from stripe._base_address import BaseAddresses
 from stripe.params.v2.billing import MeterEventStreamCreateParamsEvent
 
 from metered_middleware._asyncio_net import AsyncioBackend
-from metered_middleware._delivery_config import DeliverySettings
+from metered_middleware._delivery_config import DeliverySettings, HTTPClientName, TransportName
 
 __all__ = [
     "MeterEventStreamSink",
@@ -37,6 +39,7 @@ __all__ = [
     "classify",
     "make_sink",
     "make_stripe_client",
+    "pick_transport",
 ]
 
 logger = logging.getLogger("metered_middleware.flusher")
@@ -278,10 +281,36 @@ class _HTTPXClient(stripe.HTTPClient):
             await client.aclose()
 
 
+def pick_transport(name: HTTPClientName) -> TransportName:
+    """The transport ``METERED_HTTP_CLIENT`` names; for ``auto``, aiohttp where it can serve the flusher.
+
+    aiohttp costs a v1 line about 60% of httpx's CPU, which is what takes one flusher past Stripe's 1,000
+    v1 calls a second (``benchmarks/flusher.py``), so ``auto`` picks it when the flusher runs on asyncio
+    and aiohttp can route through the environment's proxy. Under trio (aiohttp runs on asyncio only),
+    with only ``ALL_PROXY`` set (which aiohttp ignores and httpx honours), or without aiohttp installed,
+    ``auto`` is httpx.
+    """
+    if name != "auto":
+        return name
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = None
+    if library != "asyncio" or importlib.util.find_spec("aiohttp") is None:
+        return "httpx"
+    proxies = urllib.request.getproxies()
+    if "all" in proxies and "http" not in proxies and "https" not in proxies:
+        return "httpx"
+    return "aiohttp"
+
+
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPClient]:
-    """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters)."""
+    """One async SDK client for the flusher (no SDK retries: the flusher retries with the same parameters).
+
+    Call it on the loop the flusher runs on: ``auto`` picks the transport by it (:func:`pick_transport`).
+    """
     http: stripe.HTTPClient
-    if settings.http_client == "aiohttp":
+    if pick_transport(settings.http_client) == "aiohttp":
         from metered_middleware._http_aiohttp import AIOHTTPClient  # an optional dependency
 
         http = AIOHTTPClient(timeout=settings.request_timeout, concurrency=settings.max_concurrency)

@@ -54,7 +54,7 @@ class World:
     redis_url: str
     shards: int = 2
     namespace: str = "mm"
-    http_client: str = "httpx"  # the flusher's transport to Stripe (METERED_HTTP_CLIENT)
+    http_client: str = "auto"  # the flusher's transport to Stripe (METERED_HTTP_CLIENT): the default
     client: stripe.StripeClient = field(init=False)
     price: str = field(init=False)
     meter: str = field(init=False)

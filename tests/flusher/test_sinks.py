@@ -6,13 +6,15 @@ import socket
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 from anyio.abc import SocketAttribute, SocketStream
 
 from metered_middleware import BillingTarget
 from metered_middleware._delivery import line_key
 from metered_middleware._delivery_config import HTTP_CLIENTS, DeliverySettings, HTTPClientName
 from metered_middleware._errors import ConfigurationError
-from metered_middleware._sinks import MeterEventsSink, SendLine, make_sink, make_stripe_client
+from metered_middleware._sinks import MeterEventsSink, SendLine, make_sink, make_stripe_client, pick_transport
+from metered_middleware.testing.emulator import StripeEmulator
 
 from .conftest import EVENT, World
 
@@ -178,11 +180,14 @@ def test_stream_events_are_one_placeholder_in_the_sdks_form_encoding_and_a_list_
 def test_an_unknown_or_missing_http_client_is_a_clear_configuration_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """METERED_HTTP_CLIENT names httpx or aiohttp; aiohttp without the package says how to install it."""
+    """METERED_HTTP_CLIENT is auto (the default), httpx or aiohttp; aiohttp named without the package
+    installed says how to install it, where auto falls back to httpx."""
     env = {"STRIPE_API_KEY": "sk_test_x"}
-    assert DeliverySettings.from_env(env).http_client == "httpx"
+    assert DeliverySettings.from_env(env).http_client == "auto"
     assert DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": " AIOHTTP "}).http_client == "aiohttp"
-    with pytest.raises(ConfigurationError, match=r"METERED_HTTP_CLIENT='requests' is not valid: 'httpx' or"):
+    assert DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": "httpx"}).http_client == "httpx"
+    expected = r"METERED_HTTP_CLIENT='requests' is not valid: 'auto' or 'httpx' or 'aiohttp'"
+    with pytest.raises(ConfigurationError, match=expected):
         DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": "requests"})
     import importlib.util
 
@@ -192,6 +197,60 @@ def test_an_unknown_or_missing_http_client_is_a_clear_configuration_error(
     )
     with pytest.raises(ConfigurationError, match=r"pip install 'metered-middleware\[aiohttp\]'"):
         DeliverySettings.from_env({**env, "METERED_HTTP_CLIENT": "aiohttp"})
+    assert DeliverySettings.from_env(env).http_client == "auto"
+
+
+async def test_auto_falls_back_to_httpx_where_aiohttp_would_not_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On asyncio auto is aiohttp, except with only ALL_PROXY set (aiohttp would go past that proxy) or
+    without aiohttp installed: then it is httpx, and the client starts rather than refusing."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings = DeliverySettings(stripe_api_key="sk_test_x")
+    assert (settings.http_client, pick_transport("auto")) == ("auto", "aiohttp")
+    assert (pick_transport("httpx"), pick_transport("aiohttp")) == ("httpx", "aiohttp")
+
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:3128")
+    assert pick_transport("auto") == "httpx"
+    _, http = make_stripe_client(settings)
+    assert http.name == "httpx"
+    await http.close_async()  # type: ignore[no-untyped-call]
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # one aiohttp routes through
+    assert pick_transport("auto") == "aiohttp"
+    monkeypatch.delenv("ALL_PROXY")
+    monkeypatch.delenv("HTTPS_PROXY")
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real_find_spec(name, *a)
+    )
+    assert pick_transport("auto") == "httpx"
+
+
+def test_auto_outside_an_event_loop_is_httpx() -> None:
+    """A client made outside any loop may be used on either: httpx runs on both."""
+    assert pick_transport("auto") == "httpx"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_by_default_lines_go_through_aiohttp_on_asyncio_and_httpx_under_trio(
+    emulator: StripeEmulator, redis_url: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default transport is the one that keeps up with Stripe's v1 ceiling where it can run, and the
+    flusher still delivers under trio (aiohttp runs on asyncio only)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    # The Redis client is never used: a sink sends without Redis (and this one would not run under trio).
+    world = World(emulator, "meter_events", aioredis.Redis.from_url(redis_url), redis_url)
+    assert world.settings().http_client == "auto"
+    target, key = await _deliver_one(world)
+    sent = [r for r in world.emu.requests() if r.operation == "meter_events.create"]
+    assert [r.idempotency_key for r in sent] == [key]
+    assert [r.http_library for r in sent] == [{"asyncio": "aiohttp", "trio": "httpx"}[anyio_backend]]
+    assert world.stripe_total(target) == 7
 
 
 async def test_aiohttp_refuses_an_all_proxy_it_would_not_route_through(

@@ -26,10 +26,15 @@ import stripe
 
 from metered_middleware._errors import ConfigurationError
 
-__all__ = ["AIOHTTPClient"]
+__all__ = ["AIOHTTPClient", "routes_through"]
 
 # aiohttp routes through an HTTP proxy (HTTP_PROXY, HTTPS_PROXY) but not ALL_PROXY, which httpx honours.
 _UNSUPPORTED_PROXY: Final = "all"
+
+
+def routes_through(proxies: Mapping[str, str]) -> bool:
+    """Whether aiohttp can honour the proxies ``urllib.request.getproxies()`` found (not ALL_PROXY alone)."""
+    return _UNSUPPORTED_PROXY not in proxies or "http" in proxies or "https" in proxies
 
 
 class AIOHTTPClient(stripe.HTTPClient):
@@ -45,7 +50,7 @@ class AIOHTTPClient(stripe.HTTPClient):
         proxies = urllib.request.getproxies()
         self._proxies = {scheme: url for scheme, url in proxies.items() if scheme in ("http", "https")}
         self._no_proxy: dict[str, bool] = {}
-        if _UNSUPPORTED_PROXY in proxies and not self._proxies:
+        if not routes_through(proxies):
             raise ConfigurationError(
                 "METERED_HTTP_CLIENT",
                 "aiohttp",

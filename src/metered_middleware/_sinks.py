@@ -298,10 +298,9 @@ def pick_transport(name: HTTPClientName) -> TransportName:
         library = None
     if library != "asyncio" or importlib.util.find_spec("aiohttp") is None:
         return "httpx"
-    proxies = urllib.request.getproxies()
-    if "all" in proxies and "http" not in proxies and "https" not in proxies:
-        return "httpx"
-    return "aiohttp"
+    from metered_middleware._http_aiohttp import routes_through  # imports aiohttp, now known installed
+
+    return "aiohttp" if routes_through(urllib.request.getproxies()) else "httpx"
 
 
 def make_stripe_client(settings: DeliverySettings) -> tuple[stripe.StripeClient, stripe.HTTPClient]:

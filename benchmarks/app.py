@@ -31,7 +31,6 @@ from starlette.routing import Route
 
 from metered_middleware import MeteringMiddleware
 from metered_middleware._delivery_config import DeliverySettings
-from metered_middleware._flusher import Flusher
 
 __all__ = ["FAMILIES", "METER_EVENT_NAME", "HeaderOnly", "create_bare", "create_floor", "create_metered"]
 
@@ -181,6 +180,10 @@ def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddlewa
         if not in_app_flusher:
             yield
             return
+        # Imported here, as the package itself does: a server whose flusher is its own process never loads
+        # the Stripe SDK and the HTTP clients (half its heap, walked by every full collection).
+        from metered_middleware._flusher import Flusher
+
         async with Flusher(delivery) as flusher, anyio.create_task_group() as tg:
             await tg.start(flusher.run)
             try:

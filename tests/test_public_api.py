@@ -34,3 +34,35 @@ def test_metrics_surface_imports() -> None:
 
     for name in metrics.__all__:
         assert getattr(metrics, name).__doc__
+
+
+def test_the_request_path_does_not_load_the_delivery_side() -> None:
+    """A server whose flusher runs elsewhere never imports the Stripe SDK or the HTTP clients.
+
+    They would double its heap, and every full collection walks the whole heap (the p99 tail). Run in a
+    fresh interpreter, since this test process has imported everything already.
+    """
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from starlette.applications import Starlette\n"
+        "from metered_middleware import MeteringMiddleware\n"
+        "MeteringMiddleware(Starlette(), environ={}, redis_url='redis://127.0.0.1:1')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'stripe', 'httpx', 'aiohttp', 'trio'}))\n"
+        "from metered_middleware import Flusher, flusher_lifespan, reconcile\n"
+        "from metered_middleware._flusher import Flusher as F\n"
+        "print(Flusher is F, 'stripe' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "True True"]
+
+
+def test_lazy_names_are_listed() -> None:
+    """Names imported on first use still show in dir(), and an unknown name is an AttributeError."""
+    import pytest
+
+    assert {"Flusher", "reconcile", "Sink"} <= set(dir(metered_middleware))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        metered_middleware.no_such_name  # noqa: B018

@@ -181,7 +181,7 @@ def create_metered(environ: Mapping[str, str] | None = None) -> MeteringMiddlewa
             yield
             return
         # Imported here, as the package itself does: a server whose flusher is its own process never loads
-        # the Stripe SDK and the HTTP clients (half its heap, walked by every full collection).
+        # the Stripe SDK and the HTTP clients (a third of its heap, walked by every full collection).
         from metered_middleware._flusher import Flusher
 
         async with Flusher(delivery) as flusher, anyio.create_task_group() as tg:
